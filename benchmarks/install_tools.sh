@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the benchmark harness runs besides Python: nginx (upstreams and the
+# comparison proxy), wrk (load generator) and taskset (CPU pinning). Debian/Ubuntu.
+set -euo pipefail
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -eq 0 ]; then
+    echo "benchmark tools present: nginx, wrk, taskset"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${need[*]}; run as root: apt-get update && apt-get install -y ${need[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y --no-install-recommends "${need[@]}"
+# The Debian package starts a system nginx on port 80; the harness runs its own.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+echo "installed: ${need[*]}"

@@ -1,0 +1,3 @@
+"""graygate: a traffic-splitting reverse proxy for gray releases."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,643 @@
+"""The admin HTTP contract (DESIGN.md section 5) on aiohttp: health, metrics, dashboard and
+the /api/v1 routes, weights, rollout, events and reload calls.
+Changes state only through PolicyStore.replace(); every change is persisted and becomes an
+event. Never touches the data plane directly.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client.registry import CollectorRegistry
+
+from proxy import rollout
+from proxy.config import ConfigError, PauseStep, RouteConfig, Step, WeightStep, parse_duration
+from proxy.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
+from proxy.stats import BUCKETS, Stats, is_error
+from proxy.store import EventLog, json_safe
+
+logger = logging.getLogger(__name__)
+
+API = "/api/v1"
+REASON_HEADER = "X-Graygate-Reason"
+MAX_REASON = 500
+ROLLOUT_ACTIONS = ("pause", "resume", "promote", "abort")
+
+
+@dataclass
+class AdminContext:
+    store: PolicyStore
+    persist: Callable[[], None]  # saves states + events; called after each change
+    events: EventLog
+    registry: CollectorRegistry | None
+    reload: Callable[[], Awaitable[None]]  # raises ConfigError on a bad file, keeps the old one
+    token: str | None
+    ready: Callable[[], bool]
+    now: Callable[[], float] = time.time
+    stats: Stats | None = None
+
+
+CTX = web.AppKey("graygate_admin_ctx", AdminContext)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        state: RouteState | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.state = state
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(json_safe(data), allow_nan=False),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def _etag(state: RouteState) -> dict[str, str]:
+    return {"ETag": f'"{state.revision}"'}
+
+
+def check_admin_exposure(listen_host: str, token: str | None) -> None:
+    """Refuse an admin API reachable beyond this machine without a token."""
+    if token:
+        return
+    host = listen_host.strip("[]")
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(
+        f"admin.listen: the admin API would listen on {listen_host!r}, beyond loopback, "
+        "without a token; set admin.token (e.g. token: ${GRAYGATE_ADMIN_TOKEN}) or listen "
+        "on 127.0.0.1"
+    )
+
+
+# ---- middlewares ---------------------------------------------------------------------------
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    422: "invalid",
+}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        body = _error_body(exc.code, exc.message, exc.field)
+        if exc.state is not None:
+            body["state"] = exc.state.to_json()
+        return _json(body, exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "error")
+        if exc.status == 404:
+            message = f"no such path: {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
+            message = exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return _json(_error_body(code, message), exc.status, headers)
+    except Exception:
+        logger.exception("admin %s %s failed", request.method, request.path)
+        return _json(_error_body("internal", "internal error; see the graygate log"), 500)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[CTX].token
+    path = request.path
+    # Checked before any handler runs, so a 401 never reveals whether a route exists.
+    if token and (path == API or path.startswith(API + "/")):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return _json(
+                _error_body("unauthorized", "missing or wrong bearer token"),
+                401,
+                {"WWW-Authenticate": 'Bearer realm="graygate"'},
+            )
+    return await handler(request)
+
+
+# ---- request helpers -----------------------------------------------------------------------
+
+
+def _actor(request: web.Request) -> str:
+    return "token" if request.app[CTX].token else (request.remote or "unknown")
+
+
+def _reason(request: web.Request) -> str | None:
+    reason = request.query.get("reason") or request.headers.get(REASON_HEADER)
+    return reason[:MAX_REASON] if reason else None
+
+
+def _if_match(request: web.Request) -> int | None:
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    value = raw.strip()
+    if value == "*":
+        return None
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(
+            400, "bad_request", f"If-Match must be a revision number, got {raw!r}", "If-Match"
+        ) from None
+
+
+async def _json_body(request: web.Request, optional: bool = False) -> Any:
+    if optional and not request.body_exists:
+        return {}
+    if request.content_type != "application/json":
+        raise ApiError(
+            400,
+            "bad_request",
+            f"Content-Type must be application/json, got {request.content_type!r}",
+        )
+    try:
+        return json.loads(await request.text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+
+
+def _route(request: web.Request) -> RouteConfig:
+    name = request.match_info["route"]
+    policy = request.app[CTX].store.policy.by_name.get(name)
+    if policy is None:
+        raise ApiError(404, "not_found", f"no route named {name!r}", "route")
+    return policy.config
+
+
+def _commit(
+    request: web.Request,
+    route: str,
+    action: str,
+    compute: Callable[[RouteState], RouteState],
+    figures: dict[str, Any] | None = None,
+) -> web.Response:
+    """Compare-and-set one route's state; nothing here awaits, so it is one atomic step."""
+    ctx = request.app[CTX]
+    expected = _if_match(request)
+    current = ctx.store.state(route)
+    if expected is not None and expected != current.revision:
+        raise ApiError(
+            409,
+            "stale_revision",
+            f"route {route!r} is at revision {current.revision}, not {expected}",
+            "If-Match",
+            current,
+        )
+    try:
+        stored = ctx.store.replace(route, compute(current), current.revision)
+    except PolicyError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.field, current) from exc
+    actor, reason = _actor(request), _reason(request)
+    ctx.events.append(route, actor, action, current.to_json(), stored.to_json(), reason, figures)
+    ctx.persist()
+    logger.info(
+        "route %s: %s by %s, revision %d -> %d (reason: %s)",
+        route,
+        action,
+        actor,
+        current.revision,
+        stored.revision,
+        reason,
+    )
+    return _json({"route": route, "state": stored.to_json()}, headers=_etag(stored))
+
+
+# ---- views ---------------------------------------------------------------------------------
+
+
+def _steps_json(steps: tuple[Step, ...]) -> list[object]:
+    out = rollout_to_json(RolloutStatus(steps=steps))["steps"]
+    return out if isinstance(out, list) else []
+
+
+def _version_stats(ctx: AdminContext, route: str, version: str) -> dict[str, Any] | None:
+    if ctx.stats is None:
+        return None
+    try:
+        vs = ctx.stats.get(route, version)
+    except KeyError:
+        return None
+    counts = dict(vs.counts)
+    requests = sum(counts.values())
+    errors = sum(n for (status, _), n in counts.items() if is_error(status))
+    by_reason: dict[str, int] = {}
+    for (_, reason), n in counts.items():
+        by_reason[reason] = by_reason.get(reason, 0) + n
+    return {
+        "requests": requests,
+        "errors": errors,
+        "error_rate": errors / requests if requests else None,
+        "inflight": vs.inflight,
+        "p99_seconds": _p99(list(vs.bucket_counts)),
+        "by_reason": by_reason,
+        "window": {"requests": vs.window.requests, "errors": vs.window.errors},
+    }
+
+
+def _p99(bucket_counts: list[int]) -> float | None:
+    # Upper bound of the bucket holding the 99th percentile, as a histogram_quantile would.
+    total = sum(bucket_counts)
+    if total == 0:
+        return None
+    rank, seen = 0.99 * total, 0
+    for i, n in enumerate(bucket_counts):
+        seen += n
+        if seen >= rank:
+            return BUCKETS[i] if i < len(BUCKETS) else None
+    return None
+
+
+def _summary(ctx: AdminContext, route: RouteConfig) -> dict[str, Any]:
+    state = ctx.store.state(route.name)
+    return {
+        "name": route.name,
+        "match": {"host": route.match.host, "path_prefix": route.match.path_prefix},
+        "stable": state.stable,
+        "weights": dict(state.weights),
+        "rollout": {
+            "state": state.rollout.phase,
+            "canary": state.rollout.canary,
+            "step": state.rollout.step,
+        },
+        "revision": state.revision,
+    }
+
+
+def _detail(ctx: AdminContext, route: RouteConfig) -> dict[str, Any]:
+    state = ctx.store.state(route.name)
+    rollout = route.rollout
+    return {
+        "name": route.name,
+        "match": {"host": route.match.host, "path_prefix": route.match.path_prefix},
+        "versions": {v.name: {"endpoints": [e.url for e in v.endpoints]} for v in route.versions},
+        "config": {
+            "stable": route.stable,
+            "weights": dict(route.weights),
+            "sticky": route.sticky is not None,
+            "force_rules": len(route.force),
+            "failover": route.failover,
+            "rollout": {
+                "steps": _steps_json(rollout.steps),
+                "interval": rollout.interval,
+                "analysis": asdict(rollout.analysis),
+                "failure_limit": rollout.failure_limit,
+                "on_failure": rollout.on_failure,
+                "max_inconclusive": rollout.max_inconclusive,
+            },
+        },
+        "state": state.to_json(),
+        "revision": state.revision,
+        "stats": {v: _version_stats(ctx, route.name, v) for v in route.version_names},
+    }
+
+
+# ---- handlers ------------------------------------------------------------------------------
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[CTX].ready():
+        return _json({"status": "ready"})
+    return _json({"status": "not_ready"}, 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[CTX].registry
+    if registry is None:
+        raise ApiError(404, "not_found", "metrics are not enabled")
+    from proxy.metrics import CONTENT_TYPE, render
+
+    return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _dashboard(request: web.Request) -> web.Response:
+    return web.Response(text=DASHBOARD_HTML, content_type="text/html")
+
+
+async def _list_routes(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    policy = ctx.store.policy
+    return _json({"routes": [_summary(ctx, r.config) for r in policy.routes]})
+
+
+async def _get_route(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    route = _route(request)
+    return _json(_detail(ctx, route), headers=_etag(ctx.store.state(route.name)))
+
+
+async def _stats(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    out: dict[str, dict[str, Any]] = {}
+    for r in ctx.store.policy.routes:
+        out[r.name] = {v: _version_stats(ctx, r.name, v) for v in r.config.version_names}
+    return _json({"routes": out})
+
+
+def _validate_weights(route: RouteConfig, body: Any) -> tuple[tuple[str, int], ...]:
+    names = route.version_names
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid", "body must be a JSON object of version -> weight")
+    for key in body:
+        if key not in names:
+            raise ApiError(
+                422,
+                "invalid",
+                f"unknown version {key!r}; route {route.name!r} has {', '.join(names)}",
+                key,
+            )
+    for name in names:
+        if name not in body:
+            raise ApiError(422, "invalid", f"missing weight for version {name!r}", name)
+        w = body[name]
+        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 100:
+            raise ApiError(422, "invalid", f"{name}: must be an integer 0..100, got {w!r}", name)
+    total = sum(body[n] for n in names)
+    if total != 100:
+        raise ApiError(422, "invalid", f"weights must sum to 100, got {total}", "weights")
+    return tuple((n, body[n]) for n in names)
+
+
+async def _put_weights(request: web.Request) -> web.Response:
+    route = _route(request)
+    weights = _validate_weights(route, await _json_body(request))
+
+    def compute(current: RouteState) -> RouteState:
+        if current.rollout.phase in ("progressing", "paused"):
+            # The controller owns the weights while a rollout runs; a manual value would be
+            # overwritten at its next step, so refuse instead of pretending.
+            raise ApiError(
+                409,
+                "conflict",
+                f"route {route.name!r} has a rollout {current.rollout.phase}; "
+                "promote or abort it before setting weights",
+                None,
+                current,
+            )
+        return RouteState(
+            weights=weights,
+            stable=current.stable,
+            standby=current.standby,
+            rollout=current.rollout,
+            revision=current.revision,
+        )
+
+    return _commit(request, route.name, "weights", compute)
+
+
+def _parse_steps(raw: Any) -> tuple[Step, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(422, "invalid", "steps must be a non-empty list", "steps")
+    steps: list[Step] = []
+    for i, s in enumerate(raw):
+        where = f"steps[{i}]"
+        if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 100:
+            steps.append(WeightStep(s))
+            continue
+        if isinstance(s, dict) and set(s) == {"pause"}:
+            p = s["pause"]
+            if p is True:
+                steps.append(PauseStep(None))
+                continue
+            if isinstance(p, int | float) and not isinstance(p, bool) and p > 0:
+                steps.append(PauseStep(float(p)))
+                continue
+            if isinstance(p, str):
+                try:
+                    steps.append(PauseStep(parse_duration(p)))
+                    continue
+                except (ConfigError, ValueError):
+                    pass
+        raise ApiError(
+            422,
+            "invalid",
+            f"{where}: must be a weight 0..100 or {{'pause': true | seconds | '10m'}}, got {s!r}",
+            where,
+        )
+    return tuple(steps)
+
+
+async def _start_rollout(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    route = _route(request)
+    body = await _json_body(request, optional=True)
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid", "body must be a JSON object like {'canary': 'green'}")
+    unknown = set(body) - {"canary", "steps"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ApiError(422, "invalid", f"unknown key {key!r}; allowed: canary, steps", key)
+    stable = ctx.store.state(route.name).stable
+    canary = body.get("canary")
+    if canary is None:
+        others = [n for n in route.version_names if n != stable]
+        if len(others) != 1:
+            raise ApiError(422, "invalid", "canary is required", "canary")
+        canary = others[0]
+    if not isinstance(canary, str) or canary not in route.version_names:
+        raise ApiError(
+            422,
+            "invalid",
+            f"canary must be one of {', '.join(route.version_names)}, got {canary!r}",
+            "canary",
+        )
+    if canary == stable:
+        raise ApiError(422, "invalid", f"{canary!r} is already the stable version", "canary")
+    steps = _parse_steps(body["steps"]) if "steps" in body else None
+    now = ctx.now()
+    return _commit(
+        request,
+        route.name,
+        "rollout.start",
+        lambda current: rollout.start(route, current, canary, steps, now),
+    )
+
+
+async def _rollout_action(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    route = _route(request)
+    action = request.match_info["action"]
+    now = ctx.now()
+    compute: Callable[[RouteState], RouteState]
+    if action == "pause":
+        compute = rollout.pause
+    elif action == "resume":
+        compute = lambda current: rollout.resume(current, now)  # noqa: E731
+    elif action == "promote":
+        compute = lambda current: rollout.promote(current, now)  # noqa: E731
+    elif action == "abort":
+        compute = rollout.abort
+    else:
+        raise ApiError(404, "not_found", f"no rollout action {action!r}")
+    return _commit(request, route.name, f"rollout.{action}", compute)
+
+
+async def _rollback(request: web.Request) -> web.Response:
+    route = _route(request)
+    return _commit(request, route.name, "rollback", rollout.rollback)
+
+
+async def _events(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    raw = request.query.get("since", "0") or "0"
+    try:
+        since = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, "bad_request", f"since must be an integer, got {raw!r}", "since"
+        ) from None
+    route = request.query.get("route") or None
+    return _json({"events": [e.to_json() for e in ctx.events.since(since, route)]})
+
+
+async def _reload(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    before = {name: s.to_json() for name, s in ctx.store.states().items()}
+    try:
+        await ctx.reload()
+    except ConfigError as exc:
+        logger.warning("reload refused, keeping the running config: %s", exc)
+        raise ApiError(422, "invalid_config", str(exc), exc.path) from exc
+    after = {name: s.to_json() for name, s in ctx.store.states().items()}
+    actor, reason = _actor(request), _reason(request)
+    ctx.events.append(None, actor, "reload", {"routes": before}, {"routes": after}, reason)
+    ctx.persist()
+    logger.info("config reloaded by %s: routes %s", actor, ", ".join(after) or "(none)")
+    return _json({"status": "reloaded", "routes": list(after)})
+
+
+def make_admin_app(ctx: AdminContext) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=1024 * 1024)
+    app[CTX] = ctx
+    r = app.router
+    r.add_get("/", _dashboard)
+    r.add_get("/healthz", _healthz)
+    r.add_get("/readyz", _readyz)
+    r.add_get("/metrics", _metrics)
+    r.add_get(API + "/routes", _list_routes)
+    r.add_get(API + "/routes/{route}", _get_route)
+    r.add_put(API + "/routes/{route}/weights", _put_weights)
+    r.add_post(API + "/routes/{route}/rollout", _start_rollout)
+    r.add_post(API + "/routes/{route}/rollout/{action}", _rollout_action)
+    r.add_post(API + "/routes/{route}/rollback", _rollback)
+    r.add_get(API + "/events", _events)
+    r.add_get(API + "/stats", _stats)
+    r.add_post(API + "/reload", _reload)
+    return app
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>graygate</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
+h1{font-size:20px}h2{font-size:16px;margin:0 0 .5em}
+.route{background:#fff;border:1px solid #ddd;border-radius:6px;padding:1em;margin:1em 0}
+table{border-collapse:collapse}td,th{padding:.25em .8em;text-align:right}
+th:first-child,td:first-child{text-align:left}th{border-bottom:1px solid #ccc}
+.bar{height:10px;background:#eee;border-radius:5px;width:240px;display:inline-block}
+.bar span{display:block;height:10px;border-radius:5px;background:#3a7}
+.bad{color:#b22}.muted{color:#888}#err{color:#b22}
+</style></head><body>
+<h1>graygate</h1>
+<p class="muted">Refreshes every 2 s. Token (only when the admin API needs one):
+<input id="tok" type="password" size="24"></p>
+<p id="err"></p><div id="routes"></div>
+<script>
+"use strict";
+const tok = document.getElementById("tok");
+tok.value = sessionStorage.getItem("gg_token") || "";
+tok.onchange = () => sessionStorage.setItem("gg_token", tok.value);
+function esc(s){return String(s).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}
+async function get(path){
+  const h = tok.value ? {"Authorization": "Bearer " + tok.value} : {};
+  const r = await fetch(path, {headers: h});
+  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  return r.json();
+}
+function pct(x){return x === null || x === undefined ? "-" : (100 * x).toFixed(2) + " %";}
+async function tick(){
+  try {
+    const [routes, stats] = await Promise.all([get("/api/v1/routes"), get("/api/v1/stats")]);
+    let html = "";
+    for (const r of routes.routes) {
+      const s = stats.routes[r.name] || {};
+      html += '<div class="route"><h2>' + esc(r.name) + ' <span class="muted">' +
+        esc(r.match.host) + esc(r.match.path_prefix) + ' rev ' + r.revision + '</span></h2>';
+      html += '<p>stable <b>' + esc(r.stable) + '</b>, rollout <b>' + esc(r.rollout.state) +
+        '</b>' + (r.rollout.canary ? ' canary <b>' + esc(r.rollout.canary) + '</b> step ' +
+        r.rollout.step : '') + '</p>';
+      html += '<table><tr><th>version</th><th>weight</th><th></th><th>requests</th>' +
+        '<th>errors</th><th>error rate</th><th>p99</th><th>in flight</th></tr>';
+      for (const [v, w] of Object.entries(r.weights)) {
+        const st = s[v] || {};
+        const rate = st.error_rate;
+        html += '<tr><td>' + esc(v) + '</td><td>' + w + ' %</td><td><div class="bar"><span ' +
+          'style="width:' + w + '%"></span></div></td><td>' + (st.requests ?? '-') +
+          '</td><td>' + (st.errors ?? '-') + '</td><td class="' + (rate > 0.01 ? 'bad' : '') +
+          '">' + pct(rate) + '</td><td>' + (st.p99_seconds != null ?
+          (1000 * st.p99_seconds).toFixed(1) + ' ms' : '-') + '</td><td>' +
+          (st.inflight ?? '-') + '</td></tr>';
+      }
+      html += '</table></div>';
+    }
+    document.getElementById("routes").innerHTML = html || '<p class="muted">no routes</p>';
+    document.getElementById("err").textContent = "";
+  } catch (e) {
+    document.getElementById("err").textContent = String(e);
+  }
+}
+tick(); setInterval(tick, 2000);
+</script></body></html>
+"""

@@ -1,0 +1,497 @@
+"""The client-facing side: one asyncio Protocol per connection parsing requests with
+httptools, answering them in order (pipelining), keep-alive, client timeouts, 4xx for
+malformed input, and the Gateway that owns every connection and the policy runtime.
+Data plane: no aiohttp; the forwarding itself lives in exchange.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import cast
+
+import httptools
+
+from proxy.config import Config
+from proxy.exchange import REASONS, Exchange, Runtime, build_runtime
+from proxy.headers import Headers, is_trusted, serialize
+from proxy.state import PolicyStore, RoutingPolicy
+from proxy.stats import Stats
+from proxy.upstream import Upstreams
+
+logger = logging.getLogger(__name__)
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Gateway:
+    """Shared state of the data plane: the runtime snapshot, pools, stats, connections."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: PolicyStore,
+        stats: Stats,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_event_loop()
+        self.store = store
+        self.stats = stats
+        self.upstreams = Upstreams(config)
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.drained = asyncio.Event()  # set once draining and the last connection closed
+        self.apply_config(config)
+        self.runtime: Runtime = build_runtime(store.policy, self.upstreams, stats)
+        store.subscribe(self.on_policy)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        self.via = f"1.1 {config.via}".encode()
+        self.trusted = config.trusted_proxies
+        hosts = set(LOCAL_HOSTS)
+        if config.listen.host not in ("0.0.0.0", "::", ""):
+            hosts.add(config.listen.host.lower())
+        self.own_hosts = frozenset(hosts)
+
+    def reconfigure(self, config: Config) -> None:
+        """Reload: new pools and stats first, then the store swaps the policy (on_policy)."""
+        self.apply_config(config)
+        self.upstreams.reconfigure(config)
+        self.stats.reconfigure(config)
+
+    def on_policy(self, policy: RoutingPolicy) -> None:
+        self.runtime = build_runtime(policy, self.upstreams, self.stats)
+
+    def protocol(self) -> DownstreamProtocol:
+        return DownstreamProtocol(self)
+
+    def is_foreign(self, host: str) -> bool:
+        """An absolute-form target naming a host we do not serve: never proxied."""
+        h = host.lower()
+        if h in self.own_hosts:
+            return False
+        for route in self.runtime.policy.routes:
+            m = route.config.match.host
+            if m == h or (m.startswith("*.") and h.endswith(m[1:])):
+                return False
+        return True
+
+    def drain(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close()
+        if not self.connections:
+            self.drained.set()
+
+    def forget(self, conn: DownstreamProtocol) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.drained.set()
+
+    async def close(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+        await self.upstreams.close()
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    PAUSE_PIPELINE = 1
+    PAUSE_BUFFER = 2
+    PAUSE_UPSTREAM = 4
+    PAUSE_UPGRADE = 8
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.trusted = False
+        self.closed = False
+        self.paused = 0  # bit set of PAUSE_* reasons
+        self.writing_paused = False
+        self.queue: deque[Exchange] = deque()  # head = the one being answered
+        self.incoming: Exchange | None = None  # the request whose body is being parsed
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tunnel: Exchange | None = None
+        self.stopped = False  # no more requests are parsed on this connection
+        self.in_head = False
+        self.head_bytes = 0
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self.url = b""
+        self.headers: Headers = []
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.cookie = b""
+        self.te = False
+        self.content_length: int | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.trusted = is_trusted(self.client_ip, self.gw.trusted)
+        self.gw.connections.add(self)
+        self.arm(self.gw.config.timeouts.client_header)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gw.forget(self)
+        self.disarm()
+        if self.tunnel is not None:
+            self.tunnel.tunnel_close()
+            self.tunnel = None
+        for ex in self.queue:
+            ex.client_lost()
+        if self.incoming is not None and self.incoming not in self.queue:
+            self.incoming.client_lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_send(data)
+            return
+        if self.stopped:
+            return
+        limit = self.gw.config.limits.max_header_bytes
+        if not self.in_head and not self.incoming:
+            self.in_head = True
+            self.head_bytes = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.stopped = True
+            ex = self.queue[-1] if self.queue else None
+            if ex is not None and ex.upgrade:
+                ex.early = data[exc.args[0] :]
+                self.pause_reading(self.PAUSE_UPGRADE)
+            return
+        except BodyTooLarge:
+            self.reject(413, "body_too_large", "request body exceeds the configured limit")
+            return
+        except HeadTooLarge:
+            self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            return
+        except httptools.HttpParserError as exc:
+            self.reject(400, "bad_request", f"malformed request: {exc}")
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > limit:
+                self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+
+    def eof_received(self) -> bool | None:
+        # Half-close: answer what was asked, then close (keep the transport open to write).
+        self.stopped = True
+        if not self.queue:
+            self.close()
+        return True
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_upstream_reading()
+        elif self.queue:
+            self.queue[0].pause_upstream_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_upstream_reading()
+        elif self.queue:
+            self.queue[0].resume_upstream_reading()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.arm(self.gw.config.timeouts.client_header)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.gw.config.limits.max_header_bytes:
+            raise HeadTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"host":
+            self.host = value
+            self.host_count += 1
+        elif name == b"cookie":
+            self.cookie = value if not self.cookie else self.cookie + b"; " + value
+        elif name == b"content-length":
+            self.content_length = int(value)
+        elif name == b"transfer-encoding":
+            self.te = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        gw = self.gw
+        version = parser.get_http_version()
+        method: bytes = parser.get_method()
+        upgrade = bool(parser.should_upgrade())
+        keep_alive = bool(parser.should_keep_alive()) and not gw.draining
+        body = self.te or bool(self.content_length)
+        error: tuple[int, str, str] | None = None
+        target = self.url
+        path = ""
+        host = self.host.decode("latin-1") if self.host is not None else ""
+        if version not in ("1.1", "1.0"):
+            error = (505, "version", f"HTTP/{version} is not supported")
+        elif self.host_count > 1:
+            error = (400, "bad_request", "more than one Host header")
+        elif version == "1.1" and self.host is None:
+            error = (400, "bad_request", "missing Host header")
+        elif self.te and version == "1.0":
+            error = (400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+        elif method == b"CONNECT":
+            error = (405, "method_not_allowed", "graygate is not a forward proxy")
+        elif target[:1] == b"/":
+            q = target.find(b"?")
+            path = (target if q < 0 else target[:q]).decode("latin-1")
+        elif target == b"*" and method == b"OPTIONS":
+            path = "/"
+        else:
+            try:
+                u = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                u = None
+            if u is None or u.schema not in (b"http", b"https") or not u.host:
+                error = (400, "bad_request", "invalid request target")
+            else:
+                authority = u.host.decode("latin-1")
+                if gw.is_foreign(authority):
+                    error = (400, "foreign_host", "graygate is not an open proxy")
+                else:
+                    path = (u.path or b"/").decode("latin-1")
+                    target = (u.path or b"/") + (b"?" + u.query if u.query else b"")
+                    host = authority if u.port is None else f"{authority}:{u.port}"
+                    self.headers = [(n, v) for n, v in self.headers if n != b"host"]
+                    self.headers.append((b"host", host.encode("latin-1")))
+        limit = gw.config.limits.max_body_bytes
+        if error is None and limit is not None and (self.content_length or 0) > limit:
+            error = (413, "body_too_large", f"request body exceeds {limit} bytes")
+        if error is not None:
+            keep_alive = False
+        ex = Exchange(
+            self,
+            method,
+            target,
+            path,
+            host,
+            self.headers,
+            self.cookie.decode("latin-1"),
+            version == "1.1",
+            keep_alive,
+            body,
+            self.te,
+            upgrade and error is None,
+            error,
+        )
+        self._reset_request()
+        self.incoming = ex
+        self.queue.append(ex)
+        if error is not None:
+            self.stopped = True  # answer in order, then close; parse nothing more
+        if len(self.queue) == 1:
+            self.start(ex)
+        elif len(self.queue) >= MAX_PIPELINE:
+            self.pause_reading(self.PAUSE_PIPELINE)
+        if body:
+            self.arm(gw.config.timeouts.client_body)
+        else:
+            self.disarm()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.incoming
+        if ex is None:
+            return
+        limit = self.gw.config.limits.max_body_bytes
+        if limit is not None and ex.chunked:
+            ex.body_seen += len(body)
+            if ex.body_seen > limit:
+                raise BodyTooLarge()
+        ex.request_body(body)
+        if self.timer is not None:
+            self.arm(self.gw.config.timeouts.client_body)
+
+    def on_message_complete(self) -> None:
+        ex = self.incoming
+        self.incoming = None
+        if ex is not None:
+            ex.request_end()
+        if ex is None or ex is not self.queue[0] or self.queue[0].body_done:
+            self.disarm()
+        if not self.parser.should_keep_alive():
+            self.stopped = True
+
+    # -- answering ------------------------------------------------------------------------
+    def start(self, ex: Exchange) -> None:
+        self.task = self.gw.loop.create_task(self.answer(ex))
+
+    async def answer(self, ex: Exchange) -> None:
+        try:
+            await ex.run()
+        except Exception:
+            logger.exception("exchange failed unexpectedly")
+            if not ex.head_sent and not self.closed:
+                self.respond_local(ex, 502, "internal", "internal error in graygate")
+            else:
+                self.abort()
+        self.finished(ex)
+
+    def finished(self, ex: Exchange) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        if self.closed or self.tunnel is not None:
+            return
+        if not ex.keep_alive or (ex is self.incoming and not ex.body_done):
+            self.close()
+            return
+        if self.queue:
+            self.start(self.queue[0])
+            if len(self.queue) < MAX_PIPELINE:
+                self.resume_reading(self.PAUSE_PIPELINE)
+            return
+        self.resume_reading(self.PAUSE_PIPELINE)
+        if self.stopped or self.gw.draining:
+            self.close()
+            return
+        self.arm(self.gw.config.timeouts.keepalive)
+
+    def respond_local(self, ex: Exchange, status: int, code: str, message: str) -> None:
+        """A response graygate makes itself: short text body, X-Graygate-Error says why."""
+        if self.closed:
+            return
+        body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+        headers: Headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-graygate-error", code.encode()),
+        ]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        headers.extend(ex.extra_headers)
+        if not ex.body_done or self.gw.draining or self.stopped:
+            ex.keep_alive = False
+        if not ex.keep_alive:
+            headers.append((b"connection", b"close"))
+        elif not ex.http11:
+            headers.append((b"connection", b"keep-alive"))
+        head = serialize(b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")), headers)
+        if ex.method == b"HEAD":
+            self.send(head)
+        else:
+            self.send_all((head, body))
+
+    def reject(self, status: int, code: str, message: str) -> None:
+        """The stream itself is malformed: answer in order if we can, then close."""
+        self.stopped = True
+        self.in_head = False
+        ex = self.incoming
+        if ex is not None and ex.head_sent:
+            self.abort()
+            return
+        if ex is not None:
+            # The request head was fine but its body framing is not; it must not be answered
+            # by the upstream with half a body: cut the upstream exchange.
+            ex.client_lost()
+        if self.queue and self.queue[0] is not ex:
+            return  # earlier requests are still being answered; close after them
+        if self.transport is not None and not self.closed:
+            body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+            head = serialize(
+                b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+                [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-graygate-error", code.encode()),
+                    (b"connection", b"close"),
+                ],
+            )
+            self.send_all((head, body))
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def send_all(self, parts: Iterable[bytes]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(parts)
+
+    # -- flow control, timers, closing -----------------------------------------------------
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.gw.loop.call_later(seconds, self.on_timeout)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        reading = self.in_head or (self.incoming is not None and not self.incoming.body_done)
+        unanswered = not self.queue or (
+            self.queue[0] is self.incoming and not self.incoming.head_sent
+        )
+        if reading and unanswered:
+            self.reject(408, "client_timeout", "request not received in time")
+            return
+        self.close()
+
+    def idle(self) -> bool:
+        return not self.queue and not self.in_head and self.tunnel is None
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        self.tunnel = ex
+        self.disarm()
+        self.resume_reading(self.PAUSE_UPGRADE)
+
+    def abort(self) -> None:
+        """Cut the connection after what was written: the client sees a truncated response."""
+        self.stopped = True
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+def parse_trusted(
+    values: Iterable[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)

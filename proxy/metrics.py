@@ -1,0 +1,197 @@
+"""Every Prometheus metric name and label of graygate (DESIGN.md section 6).
+
+A custom collector renders stats.Stats, the routing policy and endpoint health at scrape
+time, so the hot path only bumps plain counters (Counter.labels().inc() costs microseconds).
+Always on an injected CollectorRegistry, never prometheus_client's global REGISTRY.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from proxy.state import ROLLOUT_PHASES, RouteState
+from proxy.stats import BUCKETS, Stats
+
+# generate_latest writes the 0.0.4 text format; CONTENT_TYPE_LATEST names 1.0.0 in
+# prometheus_client >= 0.22, which would mislabel the body.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+REQUESTS = "graygate_requests_total"
+DURATION = "graygate_request_duration_seconds"
+UPSTREAM_ERRORS = "graygate_upstream_errors_total"
+ROUTE_WEIGHT = "graygate_route_weight"
+ROLLOUT_STATE = "graygate_rollout_state"
+ROLLOUT_STEP = "graygate_rollout_step"
+ROLLOUT_VERDICTS = "graygate_rollout_verdicts_total"
+ENDPOINT_AVAILABLE = "graygate_endpoint_available"
+INFLIGHT = "graygate_inflight_requests"
+
+# str(float) matches the client library's own `le` formatting for these bounds ("0.0005", "1.0").
+_LE = (*(str(b) for b in BUCKETS), "+Inf")
+
+
+class RouteLike(Protocol):
+    # state.RoutePolicy satisfies this; only the fields the collector reads.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> RouteState: ...
+
+
+class PolicyLike(Protocol):
+    @property
+    def routes(self) -> Sequence[RouteLike]: ...
+
+
+# (route, version, endpoint url, available)
+EndpointRow = tuple[str, str, str, bool]
+
+
+_Families = tuple[
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+]
+
+
+def _families() -> _Families:
+    # Fresh, empty families on every scrape; the order here is the order of the exposition.
+    return (
+        CounterMetricFamily(
+            REQUESTS,
+            "Requests proxied, by upstream or graygate status code and routing reason.",
+            labels=("route", "version", "code", "reason"),
+        ),
+        HistogramMetricFamily(
+            DURATION,
+            "Time from request head to the end of the response, in seconds.",
+            labels=("route", "version"),
+        ),
+        CounterMetricFamily(
+            UPSTREAM_ERRORS,
+            "Failed upstream exchanges by kind (connect, timeout, reset, protocol).",
+            labels=("route", "version", "kind"),
+        ),
+        GaugeMetricFamily(
+            ROUTE_WEIGHT, "Current traffic weight in percent.", labels=("route", "version")
+        ),
+        GaugeMetricFamily(
+            ROLLOUT_STATE, "1 for the route's current rollout state.", labels=("route", "state")
+        ),
+        GaugeMetricFamily(
+            ROLLOUT_STEP,
+            "Index of the current rollout step (0-based; -1 before the first step).",
+            labels=("route",),
+        ),
+        CounterMetricFamily(
+            ROLLOUT_VERDICTS,
+            "Rollout analysis verdicts (pass, fail, need_more_samples).",
+            labels=("route", "verdict"),
+        ),
+        GaugeMetricFamily(
+            ENDPOINT_AVAILABLE,
+            "1 when the endpoint may receive requests (not ejected, healthy).",
+            labels=("route", "version", "endpoint"),
+        ),
+        GaugeMetricFamily(
+            INFLIGHT, "Requests being proxied right now.", labels=("route", "version")
+        ),
+    )
+
+
+class GraygateCollector(Collector):
+    def __init__(
+        self,
+        stats: Stats,
+        get_policy: Callable[[], PolicyLike],
+        get_endpoints: Callable[[], Iterable[EndpointRow]],
+    ) -> None:
+        self._stats = stats
+        self._get_policy = get_policy
+        self._get_endpoints = get_endpoints
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only: lets the registry refuse duplicates without reading live state.
+        return _families()
+
+    def collect(self) -> Iterator[Metric]:
+        (
+            requests,
+            duration,
+            upstream_errors,
+            weight,
+            rollout_state,
+            rollout_step,
+            verdicts,
+            endpoint_available,
+            inflight,
+        ) = _families()
+        for route, version, vs in self._stats.items():
+            # list(...) copies in one C call, so a scrape run off the loop thread cannot
+            # hit "dictionary changed size during iteration".
+            for (status, reason), n in list(vs.counts.items()):
+                requests.add_metric((route, version, str(status), reason), n)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for le, n in zip(_LE, list(vs.bucket_counts), strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            duration.add_metric((route, version), buckets, vs.duration_sum)
+            for kind, n in list(vs.upstream_errors.items()):
+                upstream_errors.add_metric((route, version, kind), n)
+            inflight.add_metric((route, version), vs.inflight)
+        for route, counts in self._stats.verdicts():
+            for verdict, n in counts.items():
+                verdicts.add_metric((route, verdict), n)
+        for rp in self._get_policy().routes:
+            state = rp.state
+            for version, w in state.weights:
+                weight.add_metric((rp.name, version), w)
+            phase = state.rollout.phase
+            for p in ROLLOUT_PHASES:
+                rollout_state.add_metric((rp.name, p), 1 if p == phase else 0)
+            rollout_step.add_metric((rp.name,), state.rollout.step)
+        for route, version, url, available in self._get_endpoints():
+            endpoint_available.add_metric((route, version, url), 1 if available else 0)
+        yield from (
+            requests,
+            duration,
+            upstream_errors,
+            weight,
+            rollout_state,
+            rollout_step,
+            verdicts,
+            endpoint_available,
+            inflight,
+        )
+
+
+def make_registry(
+    stats: Stats,
+    get_policy: Callable[[], PolicyLike],
+    get_endpoints: Callable[[], Iterable[EndpointRow]],
+) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(GraygateCollector(stats, get_policy, get_endpoints))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

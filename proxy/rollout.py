@@ -1,0 +1,362 @@
+"""The rollout controller: `decide` (pure: route state + verdict + now -> new state and the
+action taken), the pure manual gates (start, pause, resume, promote, abort, rollback),
+and the loop that applies them through the policy store. Revisions are the store's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from proxy.analysis import Judgement, Sample, verdict
+from proxy.config import PauseStep, RouteConfig, Step, WeightStep
+from proxy.state import PolicyError, PolicyStore, RolloutStatus, RouteState
+from proxy.stats import Stats
+from proxy.store import EventLog
+
+logger = logging.getLogger(__name__)
+
+Action = Literal["none", "hold", "advance", "pause", "resume", "promote", "rollback", "fail"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RouteState  # the new state; revision untouched (PolicyStore.replace bumps it)
+    action: Action  # "fail": a failed window below failure_limit, held at the step
+    message: str
+    figures: dict[str, object]
+
+
+def decide(
+    route: RouteConfig, state: RouteState, judgement: Judgement | None, now: float
+) -> Decision:
+    """One controller tick for one route.
+
+    Acts only while the rollout is progressing. Pause steps ignore the judgement: a timed
+    one advances once its time is up, a manual one (``PauseStep(None)``) holds until
+    resume or promote. On a weight step: ``pass`` advances (past the last step: promote),
+    ``fail`` counts towards ``failure_limit`` and then ``on_failure``,
+    ``need_more_samples`` (or no judgement at all) counts towards ``max_inconclusive``
+    and then pauses. Failures and inconclusive windows are consecutive counts: a pass
+    clears both, a fail clears the inconclusive count, an inconclusive window leaves the
+    failure count alone (lack of traffic is no evidence either way).
+
+    >>> from proxy.config import Match, VersionConfig
+    >>> route = RouteConfig("shop", Match(), (VersionConfig("blue", ()),
+    ...     VersionConfig("green", ())), "blue", (("blue", 100), ("green", 0)))
+    >>> s = start(route, RouteState(route.weights, "blue"), "green", None, now=0.0)
+    >>> d = decide(route, s, Judgement("pass", (), {}), now=30.0)
+    >>> d.action, dict(d.state.weights)
+    ('advance', {'blue': 90, 'green': 10})
+    """
+    ro = state.rollout
+    if ro.phase != "progressing" or ro.canary is None:
+        return Decision(state, "none", f"rollout is {ro.phase}", {})
+    steps = ro.steps or route.rollout.steps
+    policy = route.rollout
+    verdict = judgement.verdict if judgement is not None else None
+
+    if ro.step < 0:
+        new = _enter(state, steps, 0, now)
+        return _decision(new, "advance", "rollout entered its first step", judgement, now)
+    if ro.step >= len(steps):
+        new = _enter(state, steps, ro.step, now)
+        return _decision(new, "promote", "rollout is past its last step", judgement, now)
+
+    step = steps[ro.step]
+    if isinstance(step, PauseStep):
+        if step.seconds is None:
+            return _decision(
+                state, "hold", f"step {ro.step} waits for a manual resume", judgement, now
+            )
+        waited = now - ro.step_started
+        if waited < step.seconds:
+            left = step.seconds - waited
+            msg = f"step {ro.step} pauses for {left:.0f}s more"
+            return _decision(state, "hold", msg, judgement, now)
+        new = _enter(state, steps, ro.step + 1, now)
+        action: Action = "promote" if new.rollout.phase == "promoted" else "advance"
+        return _decision(new, action, f"pause of {step.seconds:g}s is over", judgement, now)
+
+    if verdict == "pass":
+        cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
+        new = _enter(cleared, steps, ro.step + 1, now)
+        if new.rollout.phase == "promoted":
+            msg = f"canary {ro.canary} passed the last step and is promoted"
+            return _decision(new, "promote", msg, judgement, now)
+        msg = f"canary {ro.canary} passed at {step.weight}%, step {ro.step + 1}"
+        return _decision(new, "advance", msg, judgement, now)
+
+    if verdict == "fail":
+        failures = ro.failures + 1
+        counted = replace(state, rollout=replace(ro, failures=failures, inconclusive=0))
+        why = "; ".join(judgement.reasons) if judgement is not None else ""
+        if failures < policy.failure_limit:
+            msg = f"canary {ro.canary} failed ({failures}/{policy.failure_limit}): {why}"
+            return _decision(counted, "fail", msg, judgement, now)
+        if policy.on_failure == "pause":
+            new = replace(counted, rollout=replace(counted.rollout, phase="paused"))
+            msg = f"canary {ro.canary} failed {failures} windows, rollout paused: {why}"
+            return _decision(new, "pause", msg, judgement, now)
+        new = _rolled_back(counted)
+        msg = f"canary {ro.canary} failed {failures} windows, rolled back: {why}"
+        return _decision(new, "rollback", msg, judgement, now)
+
+    # need_more_samples, or no window could be read.
+    inconclusive = ro.inconclusive + 1
+    counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
+    what = "too few samples" if judgement is not None else "no window"
+    if inconclusive >= policy.max_inconclusive:
+        new = replace(counted, rollout=replace(counted.rollout, phase="paused"))
+        msg = f"{what} for {inconclusive} windows, rollout paused"
+        return _decision(new, "pause", msg, judgement, now)
+    msg = f"{what} ({inconclusive}/{policy.max_inconclusive}), holding at {step.weight}%"
+    return _decision(counted, "hold", msg, judgement, now)
+
+
+def start(
+    route: RouteConfig,
+    state: RouteState,
+    canary: str,
+    steps: tuple[Step, ...] | None,
+    now: float,
+) -> RouteState:
+    """Begin a rollout of `canary`; allowed from idle, promoted and rolled_back."""
+    phase = state.rollout.phase
+    if phase in ("progressing", "paused"):
+        raise _conflict(f"a rollout is already {phase}")
+    if canary not in route.version_names:
+        known = ", ".join(route.version_names)
+        raise PolicyError(
+            "invalid", f"unknown version {canary!r}, expected one of {known}", "canary"
+        )
+    if canary == state.stable:
+        raise _conflict(f"{canary!r} is the stable version; roll out the other one", "canary")
+    steps = route.rollout.steps if steps is None else steps
+    if not steps:
+        raise PolicyError("invalid", "a rollout needs at least one step", "steps")
+    for i, s in enumerate(steps):
+        if isinstance(s, WeightStep) and not 0 <= s.weight <= 100:
+            raise PolicyError("invalid", f"must be 0..100, got {s.weight}", f"steps[{i}]")
+    status = RolloutStatus(phase="progressing", canary=canary, steps=steps)
+    fresh = replace(state, standby=None, rollout=status)
+    return _enter(fresh, steps, 0, now)
+
+
+def pause(state: RouteState) -> RouteState:
+    if state.rollout.phase != "progressing":
+        raise _conflict(f"cannot pause: rollout is {state.rollout.phase}")
+    return replace(state, rollout=replace(state.rollout, phase="paused"))
+
+
+def resume(state: RouteState, now: float) -> RouteState:
+    """Continue a paused rollout, or release a manual pause step; counters start afresh."""
+    ro = state.rollout
+    at_gate = _at_manual_pause(ro)
+    if ro.phase != "paused" and not (ro.phase == "progressing" and at_gate):
+        raise _conflict(f"cannot resume: rollout is {ro.phase}")
+    going = replace(
+        state,
+        rollout=replace(ro, phase="progressing", failures=0, inconclusive=0, step_started=now),
+    )
+    if at_gate:
+        return _enter(going, ro.steps, ro.step + 1, now)
+    return going
+
+
+def promote(state: RouteState, now: float) -> RouteState:
+    ro = state.rollout
+    if ro.phase not in ("progressing", "paused") or ro.canary is None:
+        raise _conflict(f"cannot promote: rollout is {ro.phase}")
+    return _promoted(state, now)
+
+
+def abort(state: RouteState) -> RouteState:
+    if state.rollout.phase not in ("progressing", "paused"):
+        raise _conflict(f"cannot abort: rollout is {state.rollout.phase}")
+    return _rolled_back(state)
+
+
+def rollback(state: RouteState) -> RouteState:
+    """Swap back to the stable version that the last promotion replaced, at once."""
+    if state.rollout.phase != "promoted" or state.standby is None:
+        raise _conflict(f"cannot roll back: rollout is {state.rollout.phase}, no standby")
+    previous = state.standby
+    return replace(
+        state,
+        weights=_split(state, previous, 100),
+        stable=previous,
+        standby=None,
+        rollout=replace(state.rollout, phase="rolled_back", canary=state.stable),
+    )
+
+
+def _enter(state: RouteState, steps: tuple[Step, ...], index: int, now: float) -> RouteState:
+    """Enter step `index` with its weight (a pause keeps the current one); past the end: promote."""
+    if index >= len(steps):
+        return _promoted(state, now)
+    ro = replace(state.rollout, steps=steps, step=index, step_started=now)
+    step = steps[index]
+    weights = state.weights
+    canary = ro.canary
+    if canary is not None and isinstance(step, WeightStep):
+        weights = _split(state, canary, step.weight)
+    elif canary is not None and index == 0:
+        weights = _split(state, canary, 0)  # a rollout that opens with a pause starts dark
+    return replace(state, weights=weights, rollout=ro)
+
+
+def _promoted(state: RouteState, now: float) -> RouteState:
+    canary = state.rollout.canary
+    if canary is None:
+        raise _conflict("no canary to promote")
+    # The rollout's canary is cleared: it is now the stable version, and keeping it would
+    # make "to: canary" force rules point at stable.
+    ro = replace(
+        state.rollout,
+        phase="promoted",
+        canary=None,
+        step=len(state.rollout.steps),
+        step_started=now,
+    )
+    return replace(
+        state,
+        weights=_split(state, canary, 100),
+        stable=canary,
+        standby=state.stable,
+        rollout=ro,
+    )
+
+
+def _rolled_back(state: RouteState) -> RouteState:
+    weights = _split(state, state.stable, 100)
+    return replace(state, weights=weights, rollout=replace(state.rollout, phase="rolled_back"))
+
+
+def _split(state: RouteState, version: str, weight: int) -> tuple[tuple[str, int], ...]:
+    """`version` gets `weight`, the stable version the rest, any other version 0."""
+    names = [name for name, _ in state.weights]
+    for name in (version, state.stable):
+        if name not in names:
+            names.append(name)
+    if version == state.stable:
+        return tuple((name, weight if name == version else 0) for name in names)
+    return tuple(
+        (name, weight if name == version else 100 - weight if name == state.stable else 0)
+        for name in names
+    )
+
+
+def _at_manual_pause(ro: RolloutStatus) -> bool:
+    if not 0 <= ro.step < len(ro.steps):
+        return False
+    step = ro.steps[ro.step]
+    return isinstance(step, PauseStep) and step.seconds is None
+
+
+def _decision(
+    state: RouteState, action: Action, message: str, judgement: Judgement | None, now: float
+) -> Decision:
+    ro = state.rollout
+    figures: dict[str, object] = dict(judgement.figures) if judgement is not None else {}
+    record: dict[str, object] = {
+        "verdict": judgement.verdict if judgement is not None else None,
+        "reasons": list(judgement.reasons) if judgement is not None else [],
+        "action": action,
+        "message": message,
+        "at": now,
+        "step": ro.step,
+        "figures": judgement.to_json()["figures"] if judgement is not None else {},
+    }
+    new = replace(state, rollout=replace(ro, last_verdict=record))
+    return Decision(new, action, message, figures)
+
+
+def _conflict(message: str, field: str | None = None) -> PolicyError:
+    return PolicyError("conflict", message, field, status=409)
+
+
+class Controller:
+    """The loop that applies `decide`: every route's `interval`, judge its window and
+    write the decision through the store. Windows are drained from the local metrics
+    source (the same `Stats` that feed /metrics); a new step starts a fresh window.
+    """
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        stats: Stats,
+        events: EventLog,
+        persist: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+        tick: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.stats = stats
+        self.events = events
+        self.persist = persist
+        self.clock = clock
+        self.tick = tick
+        self._marks: dict[str, tuple[float, float]] = {}  # route -> (step_started, last judged)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.step_all()
+            except Exception:
+                logger.exception("rollout controller tick failed")
+
+    def step_all(self) -> None:
+        now = self.clock()
+        for rp in self.store.policy.routes:
+            ro = rp.state.rollout
+            if ro.phase != "progressing" or ro.canary is None:
+                self._marks.pop(rp.name, None)
+                continue
+            started, judged = self._marks.get(rp.name, (None, 0.0))
+            if started != ro.step_started:
+                # A new step (or a rollout started elsewhere): its window starts now.
+                for v in rp.config.version_names:
+                    self.stats.take_window(rp.name, v)
+                self._marks[rp.name] = (ro.step_started, now)
+                continue
+            if now - judged < rp.config.rollout.interval:
+                continue
+            self.judge(rp.config, rp.state, now)
+
+    def judge(self, route: RouteConfig, state: RouteState, now: float) -> Decision:
+        canary = state.rollout.canary
+        assert canary is not None
+        stable = state.stable
+        judgement = verdict(
+            Sample(*self.stats.take_window(route.name, canary)),
+            Sample(*self.stats.take_window(route.name, stable)),
+            route.rollout.analysis,
+        )
+        self.stats.count_verdict(route.name, judgement.verdict)
+        decision = decide(route, state, judgement, now)
+        new = self.store.replace(route.name, decision.state, expected_revision=state.revision)
+        self._marks[route.name] = (new.rollout.step_started, now)
+        self.persist_event(route.name, state, new, decision)
+        return decision
+
+    def persist_event(
+        self, route: str, before: RouteState, after: RouteState, decision: Decision
+    ) -> None:
+        log = logger.info if decision.action not in ("hold", "none") else logger.debug
+        log("rollout %s: %s (%s)", route, decision.action, decision.message)
+        self.events.append(
+            route,
+            "rollout-controller",
+            f"rollout.{decision.action}",
+            before.to_json(),
+            after.to_json(),
+            decision.message,
+            decision.figures,
+        )
+        self.persist()

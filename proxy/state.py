@@ -1,0 +1,439 @@
+"""Runtime state: per-route RouteState (weights, stable, rollout progress, revision),
+the compiled RoutingPolicy snapshot built from config + state, and the PolicyStore
+that swaps the snapshot whole. Pure core: standard library only, no I/O here
+(persistence lives in store.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from proxy.config import Config, ForceRule, Reason, RouteConfig, Step
+
+logger = logging.getLogger(__name__)
+
+RolloutPhase = Literal["idle", "progressing", "paused", "promoted", "rolled_back"]
+ROLLOUT_PHASES: tuple[RolloutPhase, ...] = (
+    "idle",
+    "progressing",
+    "paused",
+    "promoted",
+    "rolled_back",
+)
+
+
+class PolicyError(Exception):
+    """A change to the runtime state that cannot be applied (bad value or stale revision)."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, status: int = 422):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    phase: RolloutPhase = "idle"
+    canary: str | None = None
+    steps: tuple[Step, ...] = ()  # the steps of this rollout (config's unless overridden)
+    step: int = -1  # index into steps; -1 before the first
+    step_started: float = 0.0  # wall-clock seconds when the current step began
+    failures: int = 0  # consecutive failed windows
+    inconclusive: int = 0  # consecutive need_more_samples windows
+    last_verdict: dict[str, object] | None = None  # figures of the last decision
+
+
+@dataclass(frozen=True)
+class RouteState:
+    weights: tuple[tuple[str, int], ...]  # (version, percent) in config version order
+    stable: str
+    standby: str | None = None  # previous stable after a promotion, for instant rollback
+    rollout: RolloutStatus = field(default_factory=RolloutStatus)
+    revision: int = 1
+
+    def weight(self, version: str) -> int:
+        for name, w in self.weights:
+            if name == version:
+                return w
+        return 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "weights": dict(self.weights),
+            "stable": self.stable,
+            "standby": self.standby,
+            "revision": self.revision,
+            "rollout": rollout_to_json(self.rollout),
+        }
+
+
+def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
+    from proxy.config import PauseStep, WeightStep
+
+    steps: list[object] = []
+    for s in r.steps:
+        if isinstance(s, WeightStep):
+            steps.append(s.weight)
+        elif isinstance(s, PauseStep):
+            steps.append({"pause": True if s.seconds is None else s.seconds})
+    return {
+        "state": r.phase,
+        "canary": r.canary,
+        "steps": steps,
+        "step": r.step,
+        "step_started": r.step_started,
+        "failures": r.failures,
+        "inconclusive": r.inconclusive,
+        "last_verdict": r.last_verdict,
+    }
+
+
+def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
+    from proxy.config import PauseStep, WeightStep
+
+    steps: list[Step] = []
+    raw_steps = d.get("steps") or []
+    for s in raw_steps if isinstance(raw_steps, list | tuple) else []:
+        if isinstance(s, int) and not isinstance(s, bool):
+            steps.append(WeightStep(s))
+        elif isinstance(s, dict):
+            p = s.get("pause")
+            steps.append(PauseStep(None if p is True else _float(p, 0.0)))
+    phase = str(d.get("state", "idle"))
+    if phase not in ROLLOUT_PHASES:
+        raise ValueError(f"unknown rollout state {phase!r}")
+    canary = d.get("canary")
+    verdict = d.get("last_verdict")
+    return RolloutStatus(
+        phase=phase,
+        canary=str(canary) if canary is not None else None,
+        steps=tuple(steps),
+        step=_int(d.get("step"), -1),
+        step_started=_float(d.get("step_started"), 0.0),
+        failures=_int(d.get("failures"), 0),
+        inconclusive=_int(d.get("inconclusive"), 0),
+        last_verdict=dict(verdict) if isinstance(verdict, dict) else None,
+    )
+
+
+def _int(value: object, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, int | float | str):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _float(value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+def initial_state(route: RouteConfig) -> RouteState:
+    return RouteState(weights=route.weights, stable=route.stable)
+
+
+# --- the compiled snapshot the hot path reads ------------------------------------------
+
+ACTIVE_PHASES: tuple[RolloutPhase, ...] = ("progressing", "paused")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledForce:
+    kind: Literal["header", "cookie"]
+    name: str
+    value: str | None
+    pattern: re.Pattern[str] | None
+    version: str  # resolved at compile time (roles "canary"/"stable" -> names)
+    reason: Reason  # "force_header" | "force_cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    config: RouteConfig
+    state: RouteState
+    name: str
+    stable: str
+    canary: str | None  # rollout's canary, else the route's non-stable version, else None
+    canary_weight: int  # state weight of `canary` (0 when canary is None)
+    threshold: int  # canary buckets are [0, threshold): canary_weight * 100
+    salt: bytes  # sticky.salt or route name, utf-8
+    force: tuple[CompiledForce, ...]
+    needs_cookies: bool  # cookie force rule, cookie cohort key, or graygate's own cookie
+    cumulative: tuple[tuple[str, int], ...]  # weighted draw: (version, upper bound), weight > 0
+    host_exact: str | None
+    host_suffix: str | None  # "*.example.com" -> ".example.com"; "*" leaves both None
+    path_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    config: Config
+    routes: tuple[RoutePolicy, ...]  # config order
+    by_name: Mapping[str, RoutePolicy]
+    generation: int  # bumps on every replace()
+
+
+def canary_of(route: RouteConfig, state: RouteState) -> str | None:
+    """The running rollout's canary, else the route's non-stable version, else None."""
+    rollout = state.rollout
+    if (
+        rollout.canary is not None
+        and rollout.phase in ACTIVE_PHASES
+        and rollout.canary != state.stable
+        and rollout.canary in route.version_names
+    ):
+        return rollout.canary
+    for name in route.version_names:
+        if name != state.stable:
+            return name
+    return None
+
+
+def normalize_host(host: str) -> str:
+    """Host header or config host -> lowercase name without port, brackets or final dot."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0:
+            host = host[1:end]
+    elif host.count(":") == 1:
+        host = host[: host.index(":")]
+    return host.lower().rstrip(".")
+
+
+def _compile_force(rule: ForceRule, stable: str, canary: str | None) -> CompiledForce:
+    # Roles are resolved per snapshot, so a weight or rollout change re-targets them.
+    if rule.to == "canary":
+        version = canary if canary is not None else stable
+    elif rule.to == "stable":
+        version = stable
+    else:
+        version = rule.to
+    reason: Reason = "force_header" if rule.kind == "header" else "force_cookie"
+    pattern = re.compile(rule.regex) if rule.regex is not None else None
+    return CompiledForce(rule.kind, rule.name, rule.value, pattern, version, reason)
+
+
+def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
+    stable = state.stable
+    canary = canary_of(route, state)
+    canary_weight = state.weight(canary) if canary is not None else 0
+    force = tuple(_compile_force(rule, stable, canary) for rule in route.force)
+    sticky = route.sticky
+    needs_cookies = any(f.kind == "cookie" for f in force) or sticky is not None
+    cumulative: list[tuple[str, int]] = []
+    upper = 0
+    for name, weight in state.weights:
+        if weight > 0:  # a 0-weight version never gets an interval, so no roll can pick it
+            upper += weight
+            cumulative.append((name, upper))
+    if not cumulative:  # unreachable for a validated state; keep the route servable
+        cumulative.append((stable, 100))
+    host = route.match.host
+    host_exact: str | None = None
+    host_suffix: str | None = None
+    if host.startswith("*."):
+        host_suffix = normalize_host(host[1:])
+    elif host != "*":
+        host_exact = normalize_host(host)
+    salt = (sticky.salt if sticky is not None and sticky.salt else route.name).encode()
+    return RoutePolicy(
+        config=route,
+        state=state,
+        name=route.name,
+        stable=stable,
+        canary=canary,
+        canary_weight=canary_weight,
+        threshold=canary_weight * 100,
+        salt=salt,
+        force=force,
+        needs_cookies=needs_cookies,
+        cumulative=tuple(cumulative),
+        host_exact=host_exact,
+        host_suffix=host_suffix,
+        path_prefix=route.match.path_prefix,
+    )
+
+
+def compile_policy(
+    config: Config, states: Mapping[str, RouteState], generation: int = 0
+) -> RoutingPolicy:
+    """Compile config + runtime states; a route missing from `states` uses initial_state."""
+    routes = tuple(
+        compile_route(rc, states.get(rc.name) or initial_state(rc)) for rc in config.routes
+    )
+    return RoutingPolicy(config, routes, {r.name: r for r in routes}, generation)
+
+
+# --- validation and the store ---------------------------------------------------------
+
+
+def _invalid(field: str, message: str) -> PolicyError:
+    return PolicyError("invalid", f"{field}: {message}", field=field, status=422)
+
+
+def validate_weights(
+    route: RouteConfig, weights: Mapping[str, object]
+) -> tuple[tuple[str, int], ...]:
+    """Weights for every version of the route, ints 0..100 summing to 100; config order."""
+    names = route.version_names
+    for name in weights:
+        if name not in names:
+            allowed = ", ".join(names)
+            raise _invalid(f"weights.{name}", f"unknown version (route has {allowed})")
+    result: list[tuple[str, int]] = []
+    for name in names:
+        if name not in weights:
+            raise _invalid(f"weights.{name}", "missing: every version needs a weight")
+        w = weights[name]
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise _invalid(f"weights.{name}", f"must be an integer 0..100, got {w!r}")
+        if not 0 <= w <= 100:
+            raise _invalid(f"weights.{name}", f"must be 0..100, got {w}")
+        result.append((name, w))
+    total = sum(w for _, w in result)
+    if total != 100:
+        raise _invalid("weights", f"must sum to 100, got {total}")
+    return tuple(result)
+
+
+def validate_state(route: RouteConfig, state: RouteState) -> RouteState:
+    """The state checked against its route, weights put in config version order."""
+    names = route.version_names
+    seen: dict[str, object] = {}
+    for name, w in state.weights:
+        if name in seen:
+            raise _invalid(f"weights.{name}", "given twice")
+        seen[name] = w
+    weights = validate_weights(route, seen)
+    if state.stable not in names:
+        raise _invalid("stable", f"must be one of {', '.join(names)}, got {state.stable!r}")
+    if state.standby is not None and state.standby not in names:
+        raise _invalid("standby", f"must be one of {', '.join(names)}, got {state.standby!r}")
+    rollout = state.rollout
+    if rollout.phase not in ROLLOUT_PHASES:
+        raise _invalid("rollout.state", f"must be one of {', '.join(ROLLOUT_PHASES)}")
+    if rollout.canary is not None and rollout.canary not in names:
+        raise _invalid("rollout.canary", f"must be one of {', '.join(names)}")
+    if rollout.phase in ACTIVE_PHASES and rollout.canary == state.stable:
+        raise _invalid("rollout.canary", "must differ from the stable version")
+    return state if weights == state.weights else replace(state, weights=weights)
+
+
+def _compatible(route: RouteConfig, state: RouteState) -> bool:
+    # Runtime state survives a restart or reload only while its version names still fit.
+    names = route.version_names
+    return sorted(n for n, _ in state.weights) == sorted(names) and state.stable in names
+
+
+class PolicyStore:
+    """Holds the current RoutingPolicy and swaps it whole; every method is synchronous.
+
+    The admin API and the rollout loop change state only through `replace` (or
+    `set_weights`); no await happens between validation and the swap, so no request
+    sees half a change.
+    """
+
+    def __init__(self, config: Config, states: Mapping[str, RouteState] | None = None) -> None:
+        given = states or {}
+        self._config = config
+        self._states: dict[str, RouteState] = {}
+        for rc in config.routes:
+            old = given.get(rc.name)
+            self._states[rc.name] = self._adopt(rc, old)
+        self._listeners: list[Callable[[RoutingPolicy], None]] = []
+        self._generation = 0
+        self.policy: RoutingPolicy = compile_policy(config, self._states, 0)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def state(self, route: str) -> RouteState:
+        return self._states[route]
+
+    def states(self) -> dict[str, RouteState]:
+        return dict(self._states)
+
+    def replace(
+        self, route: str, new: RouteState, expected_revision: int | None = None
+    ) -> RouteState:
+        rc = self._route_config(route)
+        current = self._states[route]
+        if expected_revision is not None and expected_revision != current.revision:
+            raise PolicyError(
+                "stale_revision",
+                f"route {route!r} is at revision {current.revision}, not {expected_revision}",
+                status=409,
+            )
+        stored = replace(validate_state(rc, new), revision=current.revision + 1)
+        self._states[route] = stored
+        self._publish()
+        return stored
+
+    def set_weights(
+        self, route: str, weights: Mapping[str, int], expected_revision: int | None = None
+    ) -> RouteState:
+        rc = self._route_config(route)
+        checked = validate_weights(rc, weights)
+        return self.replace(route, replace(self._states[route], weights=checked), expected_revision)
+
+    def reconfigure(self, config: Config) -> None:
+        """Reload: kept routes keep their state while their versions still fit."""
+        old_routes = {rc.name: rc for rc in self._config.routes}
+        states: dict[str, RouteState] = {}
+        for rc in config.routes:
+            old_state = self._states.get(rc.name)
+            before = old_routes.get(rc.name)
+            if old_state is None or before is None:
+                states[rc.name] = initial_state(rc)
+                continue
+            adopted = self._adopt(rc, old_state)
+            if before != rc and adopted.revision == old_state.revision:
+                adopted = replace(adopted, revision=old_state.revision + 1)
+            states[rc.name] = adopted
+        self._config = config
+        self._states = states
+        self._publish()
+
+    def subscribe(self, listener: Callable[[RoutingPolicy], None]) -> None:
+        self._listeners.append(listener)
+
+    def _route_config(self, route: str) -> RouteConfig:
+        for rc in self._config.routes:
+            if rc.name == route:
+                return rc
+        raise PolicyError("not_found", f"no route named {route!r}", status=404)
+
+    @staticmethod
+    def _adopt(rc: RouteConfig, old: RouteState | None) -> RouteState:
+        # A state that no longer fits its route restarts from the config, one revision
+        # past the old one so a client holding the old revision gets 409, not a match.
+        if old is None:
+            return initial_state(rc)
+        if _compatible(rc, old):
+            try:
+                return validate_state(rc, old)
+            except PolicyError:
+                pass
+        return replace(initial_state(rc), revision=old.revision + 1)
+
+    def _publish(self) -> None:
+        self._generation += 1
+        policy = compile_policy(self._config, self._states, self._generation)
+        self.policy = policy
+        for listener in list(self._listeners):
+            try:
+                listener(policy)
+            except Exception:
+                # The swap already happened; one faulty listener must not hide it from others.
+                logger.exception("policy listener %r failed", listener)

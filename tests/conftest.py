@@ -1,0 +1,235 @@
+"""Shared fixtures: real aiohttp upstreams on loopback ports, an in-process gateway
+(App with its real listeners), and a helper to start the real `graygate` command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.app import App
+from proxy.config import parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Upstream:
+    name: str
+    port: int
+    runner: web.AppRunner
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def version_app(name: str, seen: list[dict[str, Any]], serve: Handler | None) -> web.Application:
+    async def default(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        return web.json_response(
+            {"version": name, "path": request.path_qs, "method": request.method, "len": len(body)},
+            headers={"X-Upstream": name},
+        )
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "raw_path": request.raw_path,
+                "headers": list(request.raw_headers),
+            }
+        )
+        return await handler(request)
+
+    app = web.Application(middlewares=[record], client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", serve or default)
+    return app
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Factory: `await upstreams("blue", handler=None)` starts a real aiohttp upstream."""
+    started: list[Upstream] = []
+
+    async def start(name: str, handler: Handler | None = None) -> Upstream:
+        seen: list[dict[str, Any]] = []
+        runner = web.AppRunner(version_app(name, seen, handler), access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        up = Upstream(name, port, runner, seen)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.runner.cleanup()
+
+
+def route_config(
+    blue: str | list[str], green: str | list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    versions: dict[str, Any] = {"blue": {"endpoints": [blue] if isinstance(blue, str) else blue}}
+    weights = {"blue": 100}
+    if green is not None:
+        versions["green"] = {"endpoints": [green] if isinstance(green, str) else green}
+        weights["green"] = 0
+    route: dict[str, Any] = {
+        "name": "shop",
+        "match": {"host": "*", "path_prefix": "/"},
+        "versions": versions,
+        "stable": "blue",
+        "weights": weights,
+    }
+    route.update(extra)
+    return route
+
+
+@dataclass
+class RunningGateway:
+    app: App
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Factory: `await gateway(routes=[...], **top_level)` runs the real App in-process."""
+    apps: list[App] = []
+
+    async def start(routes: list[dict[str, Any]], **top: Any) -> RunningGateway:
+        data: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "admin": {"listen": "127.0.0.1:0"},
+            "state": {"path": str(tmp_path / f"state-{len(apps)}.json")},
+            "grace_period": "2s",
+            "routes": routes,
+        }
+        for key, value in top.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        path = tmp_path / f"graygate-{len(apps)}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        app = App(str(path), parse_config(data, env={}, source=str(path)))
+        await app.start()
+        apps.append(app)
+        assert app.server is not None and app.admin_runner is not None
+        port = app.server.sockets[0].getsockname()[1]
+        admin_port = app.admin_runner.addresses[0][1]
+        return RunningGateway(app, port, admin_port)
+
+    yield start
+    for app in apps:
+        app.config = dataclasses.replace(app.config, grace_period=0.5)
+        await app.shutdown()
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 5.0, read_all: bool = True) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes (or timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), left)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_all:
+                break
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture
+def graygate_process(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Factory: start the real `graygate` command (python -m proxy) with arguments."""
+    procs: list[Process] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Process:
+        log = tmp_path / f"graygate-{len(procs)}.log"
+        fh = open(log, "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=str(tmp_path),
+            env={**os.environ, **(env or {})},
+        )
+        p = Process(proc, log)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.terminate()
+            try:
+                p.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
