@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -116,8 +117,12 @@ class App:
         self.controller = Controller(self.store, self.stats, self.events, self.persist)
         self._spawn(self.controller.run())
         self._spawn(self._sweep())
+        self._spawn(self.gateway.watch())
         self.gateway.upstreams.start_health_checks()
         self.persist()
+        # Start-up objects live forever: keep them out of every later GC pass.
+        gc.collect()
+        gc.freeze()
         logger.info(
             "graygate serving on http://%s, admin on http://%s, routes: %s",
             self.data_address,

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
 
 
 class HeadTooLarge(Exception):
@@ -89,6 +90,14 @@ class Gateway:
                 return False
         return True
 
+    async def watch(self) -> None:
+        """The one timer of the data plane: client and upstream timeouts of every connection."""
+        while True:
+            await asyncio.sleep(WATCH_TICK)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                conn.check(now)
+
     def drain(self) -> None:
         self.draining = True
         for conn in list(self.connections):
@@ -119,23 +128,28 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
+        self.client_ip_bytes = b""
         self.trusted = False
         self.closed = False
+        self.closing = False  # close() was called; nothing more is answered
         self.paused = 0  # bit set of PAUSE_* reasons
         self.writing_paused = False
         self.queue: deque[Exchange] = deque()  # head = the one being answered
         self.incoming: Exchange | None = None  # the request whose body is being parsed
-        self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time when the client phase times out; 0: none
         self.tunnel: Exchange | None = None
         self.stopped = False  # no more requests are parsed on this connection
         self.in_head = False
-        self.head_bytes = 0
+        self.began = False
+        self.head_bytes = 0  # request line + headers, counted in the callbacks
+        self.head_raw = 0  # bytes of reads that ended inside an unfinished head
+        self.limit_error: tuple[int, str, str] | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
         self.url = b""
         self.headers: Headers = []
+        self.connection: bytes | None = None
         self.host: bytes | None = None
         self.host_count = 0
         self.cookie = b""
@@ -147,6 +161,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.client_ip_bytes = self.client_ip.encode()
         self.trusted = is_trusted(self.client_ip, self.gw.trusted)
         self.gw.connections.add(self)
         self.arm(self.gw.config.timeouts.client_header)
@@ -158,7 +173,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_close()
             self.tunnel = None
-        for ex in self.queue:
+        for ex in list(self.queue):
             ex.client_lost()
         if self.incoming is not None and self.incoming not in self.queue:
             self.incoming.client_lost()
@@ -169,10 +184,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if self.stopped:
             return
-        limit = self.gw.config.limits.max_header_bytes
-        if not self.in_head and not self.incoming:
-            self.in_head = True
-            self.head_bytes = 0
+        self.began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -182,18 +194,19 @@ class DownstreamProtocol(asyncio.Protocol):
                 ex.early = data[exc.args[0] :]
                 self.pause_reading(self.PAUSE_UPGRADE)
             return
-        except BodyTooLarge:
-            self.reject(413, "body_too_large", "request body exceeds the configured limit")
-            return
-        except HeadTooLarge:
-            self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
-            return
         except httptools.HttpParserError as exc:
-            self.reject(400, "bad_request", f"malformed request: {exc}")
+            # httptools wraps what our callbacks raise; the callback left the verdict here.
+            if self.limit_error is not None:
+                self.reject(*self.limit_error)
+            else:
+                self.reject(400, "bad_request", f"malformed request: {exc}")
             return
-        if self.in_head:
-            self.head_bytes += len(data)
-            if self.head_bytes > limit:
+        if self.in_head and not self.began:
+            # A head still incomplete after a whole read: count raw bytes too, so one
+            # endless header line cannot grow without bound before its callback fires.
+            self.head_raw += len(data)
+            limit = self.gw.config.limits.max_header_bytes
+            if self.head_raw > limit:
                 self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
 
     def eof_received(self) -> bool | None:
@@ -220,14 +233,25 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.in_head = True
+        self.began = True
+        self.head_bytes = 0
+        self.head_raw = 0
         self.arm(self.gw.config.timeouts.client_header)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.gw.config.limits.max_header_bytes:
+        self.head_bytes += len(url)
+        limit = self.gw.config.limits.max_header_bytes
+        if self.head_bytes > limit:
+            self.limit_error = (414, "uri_too_long", f"request target exceeds {limit} bytes")
             raise HeadTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        limit = self.gw.config.limits.max_header_bytes
+        if self.head_bytes > limit:
+            self.limit_error = (431, "header_too_large", f"request head exceeds {limit} bytes")
+            raise HeadTooLarge()
         name = name.lower()
         if name == b"host":
             self.host = value
@@ -238,6 +262,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.content_length = int(value)
         elif name == b"transfer-encoding":
             self.te = True
+        elif name == b"connection":
+            self.connection = value if self.connection is None else self.connection + b"," + value
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -297,6 +323,7 @@ class DownstreamProtocol(asyncio.Protocol):
             path,
             host,
             self.headers,
+            self.connection,
             self.cookie.decode("latin-1"),
             version == "1.1",
             keep_alive,
@@ -327,9 +354,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if limit is not None and ex.chunked:
             ex.body_seen += len(body)
             if ex.body_seen > limit:
+                self.limit_error = (413, "body_too_large", f"request body exceeds {limit} bytes")
                 raise BodyTooLarge()
         ex.request_body(body)
-        if self.timer is not None:
+        if self.deadline:
             self.arm(self.gw.config.timeouts.client_body)
 
     def on_message_complete(self) -> None:
@@ -344,23 +372,22 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- answering ------------------------------------------------------------------------
     def start(self, ex: Exchange) -> None:
-        self.task = self.gw.loop.create_task(self.answer(ex))
-
-    async def answer(self, ex: Exchange) -> None:
         try:
-            await ex.run()
+            ex.start()
         except Exception:
+            # A bug must cost one request, never the connection's other requests' order.
             logger.exception("exchange failed unexpectedly")
-            if not ex.head_sent and not self.closed:
-                self.respond_local(ex, 502, "internal", "internal error in graygate")
-            else:
-                self.abort()
-        self.finished(ex)
+            if not ex.ended:
+                if not ex.head_sent:
+                    self.respond_local(ex, 502, "internal", "internal error in graygate")
+                else:
+                    self.abort()
+                ex.client_lost()
 
     def finished(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        if self.closed or self.tunnel is not None:
+        if self.closing or self.tunnel is not None:
             return
         if not ex.keep_alive or (ex is self.incoming and not ex.body_done):
             self.close()
@@ -388,8 +415,8 @@ class DownstreamProtocol(asyncio.Protocol):
         ]
         if status == 503:
             headers.append((b"retry-after", b"1"))
-        headers.extend(ex.extra_headers)
-        if not ex.body_done or self.gw.draining or self.stopped:
+        headers.extend(ex.extra)
+        if not ex.body_done or self.gw.draining:
             ex.keep_alive = False
         if not ex.keep_alive:
             headers.append((b"connection", b"close"))
@@ -450,18 +477,22 @@ class DownstreamProtocol(asyncio.Protocol):
         if not self.paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
+    # Timeouts are deadlines checked by Gateway.watch every WATCH_TICK, not one timer
+    # handle per request: arming is a float store on the hot path.
     def arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.gw.loop.call_later(seconds, self.on_timeout)
+        self.deadline = self.gw.loop.time() + seconds
 
     def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
+
+    def check(self, now: float) -> None:
+        if self.deadline and now >= self.deadline:
+            self.deadline = 0.0
+            self.on_timeout()
+        if self.queue:
+            self.queue[0].check(now)
 
     def on_timeout(self) -> None:
-        self.timer = None
         if self.closed:
             return
         reading = self.in_head or (self.incoming is not None and not self.incoming.body_done)
@@ -487,6 +518,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 

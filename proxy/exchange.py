@@ -1,22 +1,23 @@
 """One request/response exchange: read the policy snapshot once, choose the version and
 endpoint, forward the head, pump bodies both ways with flow control, record the outcome
 once. Owns the mapping of upstream failures to 502/503/504 (the only place it happens).
-Data plane: no aiohttp. downstream.py owns the client connection and parsing.
+Callback-driven: with a pooled connection no task or future is created per request; only
+opening a new upstream connection awaits. Data plane: no aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import secrets
-import time
 from dataclasses import dataclass
 from random import random
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.headers import Headers, forwarding, response_via, serialize, strip_hop_by_hop
+from proxy.headers import Headers, request_head, response_head
 from proxy.router import choose, match_route, parse_cookies
 from proxy.state import RoutePolicy, RoutingPolicy
 from proxy.stats import Stats, VersionStats
@@ -25,23 +26,26 @@ from proxy.upstream import EndpointPool, UpstreamConnection, UpstreamError, Upst
 if TYPE_CHECKING:
     from proxy.downstream import DownstreamProtocol, Gateway
 
+logger = logging.getLogger(__name__)
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 NO_BODY_STATUS = frozenset({204, 304})
 EMPTY: dict[str, str] = {}
+BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
+LAST_CHUNK = b"0\r\n\r\n"
 REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
-    499: b"Client Closed Request",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 
 
 def mint_uid() -> str:
@@ -100,12 +104,66 @@ def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> 
     return Runtime(policy, routes)
 
 
-class ClientGone(Exception):
-    pass
-
-
 class Exchange:
-    """A request whose head has been parsed; run() answers it exactly once."""
+    """A request whose head has been parsed; start() answers it exactly once, then end()
+    hands the connection back to the downstream protocol."""
+
+    __slots__ = (
+        "body_done",
+        "body_seen",
+        "chunked",
+        "chunked_out",
+        "complete",
+        "conn",
+        "connecting",
+        "connection",
+        "cookie",
+        "cookie_extra",
+        "deadline",
+        "down",
+        "early",
+        "ended",
+        "ep",
+        "error",
+        "extra",
+        "got_bytes",
+        "gw",
+        "has_body",
+        "head",
+        "head_sent",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "last_io",
+        "method",
+        "out",
+        "parser",
+        "path",
+        "pending",
+        "pending_bytes",
+        "reason",
+        "resp_connection",
+        "resp_headers",
+        "resp_length",
+        "resp_reason",
+        "resp_te",
+        "retries",
+        "reused",
+        "rr",
+        "started",
+        "status",
+        "target",
+        "tried",
+        "tunnel",
+        "until_close",
+        "upgrade",
+        "upstream_keep_alive",
+        "upstream_reads_paused",
+        "version",
+        "vpool",
+        "vstats",
+    )
 
     def __init__(
         self,
@@ -115,6 +173,7 @@ class Exchange:
         path: str,
         host: str,
         headers: Headers,
+        connection: bytes | None,
         cookie: str,
         http11: bool,
         keep_alive: bool,
@@ -130,6 +189,7 @@ class Exchange:
         self.path = path
         self.host = host
         self.headers = headers
+        self.connection = connection  # the client's Connection value
         self.cookie = cookie
         self.http11 = http11
         self.keep_alive = keep_alive
@@ -138,37 +198,58 @@ class Exchange:
         self.upgrade = upgrade
         self.error = error  # answer locally with this (status, code, message)
         self.body_done = not body  # the whole request body has been read
+        self.body_seen = 0  # decoded body bytes of a chunked request, for max_body_bytes
         self.pending: list[bytes] = []  # request body before the upstream connection exists
         self.pending_bytes = 0
-        self.body_seen = 0  # decoded body bytes of a chunked request, for max_body_bytes
-        self.conn: UpstreamConnection | None = None
-        self.parser: httptools.HttpResponseParser | None = None
-        self.done: asyncio.Future[int] | None = None
-        self.out: list[bytes] = []  # response bytes gathered during one feed
+        self.early = b""  # bytes after an upgrade request, for the tunnel
+        self.extra: tuple[tuple[bytes, bytes], ...] = ()  # added to the response head
+        self.version = ""
+        self.reason = ""
+        self.rr: RouteRuntime | None = None
+        self.cookie_extra: tuple[tuple[bytes, bytes], ...] = ()
+        self.ended = False
         self.head_sent = False  # the response head went to the client
-        self.got_bytes = False  # anything at all came back from the upstream
+        # Upstream side, per attempt.
+        self.vpool: VersionPool | None = None
+        self.vstats: VersionStats | None = None
+        self.ep: EndpointPool | None = None  # counted in ep.outstanding while set
+        self.tried: list[EndpointPool] = []
+        self.retries = 0
+        self.conn: UpstreamConnection | None = None
+        self.reused = False
+        self.connecting: asyncio.Task[None] | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.head = b""
+        self.got_bytes = False
         self.status = 0
         self.resp_reason = b""
         self.resp_headers: Headers = []
-        self.resp_chunked_out = False
+        self.resp_connection: bytes | None = None
+        self.resp_length = False
+        self.resp_te = False
+        self.chunked_out = False
         self.until_close = False
         self.complete = False
+        self.upstream_keep_alive = False
         self.upstream_reads_paused = False
-        self.last_io = 0.0
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.version = ""
-        self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.tunnel = False
-        self.early: bytes = b""  # bytes after an upgrade request, for the tunnel
+        self.out: list[bytes] = []  # response bytes gathered during one feed
+        self.started = 0.0
+        self.deadline = 0.0
+        self.last_io = 0.0
 
     # -- request body, fed by downstream --------------------------------------------------
     def request_body(self, data: bytes) -> None:
         conn = self.conn
-        frame = (b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,)
-        if conn is not None and conn.transport is not None and self.done is not None:
+        if self.chunked:
+            frame: tuple[bytes, ...] = (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            frame = (data,)
+        if conn is not None and conn.transport is not None:
             self.last_io = self.gw.loop.time()
             conn.transport.writelines(frame)
+            return
+        if self.ended:
             return
         self.pending.extend(frame)
         self.pending_bytes += len(data)
@@ -178,200 +259,179 @@ class Exchange:
     def request_end(self) -> None:
         self.body_done = True
         if self.chunked:
-            if self.conn is not None and self.conn.transport is not None and self.done is not None:
-                self.conn.transport.write(b"0\r\n\r\n")
-            else:
-                self.pending.append(b"0\r\n\r\n")
+            conn = self.conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.write(LAST_CHUNK)
+            elif not self.ended:
+                self.pending.append(LAST_CHUNK)
 
-    # -- the exchange -----------------------------------------------------------------------
-    async def run(self) -> None:
-        gw = self.gw
+    # -- choosing ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Answer this request: locally (errors, no route) or through an upstream."""
         down = self.down
         if self.error is not None:
             status, code, message = self.error
             down.respond_local(self, status, code, message)
+            self.end(status)
             return
-        started = time.perf_counter()
+        gw = self.gw
+        self.started = perf_counter()
         rt = gw.runtime
         route = match_route(rt.policy, self.host, self.path)
         if route is None:
             down.respond_local(self, 404, "no_route", "no route matches this request")
+            self.end(404)
             return
         rr = rt.routes[route.name]
         headers_map = EMPTY
         if rr.header_keys:
+            keys = rr.header_keys
             headers_map = {
-                k.decode("latin-1"): v.decode("latin-1")
-                for k, v in self.headers
-                if k in rr.header_keys
+                k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k in keys
             }
         cookies = parse_cookies(self.cookie) if route.needs_cookies and self.cookie else EMPTY
         choice = choose(route, headers_map, cookies, random(), mint_uid)
         version = choice.version
         reason: str = choice.reason
         if choice.new_cookie is not None:
-            self.extra_headers = (
-                (b"set-cookie", rr.cookie_prefix + choice.new_cookie.encode() + rr.cookie_suffix),
-            )
+            cookie = rr.cookie_prefix + choice.new_cookie.encode() + rr.cookie_suffix
+            self.extra = ((b"set-cookie", cookie),)
         loop = gw.loop
         now = loop.time()
-        vpool = rr.pools[version]
-        ep = vpool.pick(now)
+        self.rr = rr
+        self.cookie_extra = self.extra
+        ep = self.use_version(version, reason, now)
         if ep is None and rr.failover and version != route.stable:
-            rr.stats[version].record(503, reason, 0.0)  # the chosen version failed this one
-            version, reason = route.stable, "failover"
-            vpool = rr.pools[version]
-            ep = vpool.pick(now)
-        self.version = version
-        self.extra_headers += rr.version_headers[version]
-        vstats = rr.stats[version]
+            assert self.vstats is not None
+            self.vstats.inflight -= 1
+            self.vstats.record(503, reason, 0.0)  # the chosen version failed this one
+            ep = self.use_version(route.stable, "failover", now)
         if ep is None:
-            vstats.record(503, reason, time.perf_counter() - started)
             down.respond_local(
                 self, 503, "no_endpoint", f"no available endpoint for version {version}"
             )
+            self.end(503)
             return
-        vstats.inflight += 1
-        try:
-            status = await self.forward(route, vpool, ep, vstats, rr.retries)
-        except UpstreamError as exc:
-            status = exc.status
-            if self.head_sent:
-                status = 502  # cut mid-response: the client saw a broken answer
-                down.abort()
-            else:
-                down.respond_local(self, exc.status, exc.kind, exc.detail)
-        except ClientGone:
-            status = 499
-        finally:
-            vstats.inflight -= 1
-        vstats.record(status, reason, time.perf_counter() - started)
+        self.retries = rr.retries
+        self.deadline = now + gw.config.timeouts.request
+        down_ = self.down
+        self.head = request_head(
+            self.method,
+            self.target,
+            self.headers,
+            self.connection,
+            down_.client_ip_bytes,
+            down_.trusted,
+            gw.via,
+            ep.host_header,
+            self.upgrade,
+            self.chunked,
+        )
+        self.attempt(ep)
 
-    async def forward(
-        self,
-        route: RoutePolicy,
-        vpool: VersionPool,
-        ep: EndpointPool,
-        vstats: VersionStats,
-        retries: int,
-    ) -> int:
-        gw = self.gw
-        loop = gw.loop
-        timeouts = gw.config.timeouts
-        self.deadline = loop.time() + timeouts.request
-        tried: list[EndpointPool] = []
-        head = self.upstream_head(ep)
-        stale_retry = self.method in IDEMPOTENT and not self.has_body
-        while True:
-            ep.outstanding += 1
-            try:
-                try:
-                    conn, reused = await ep.acquire(
-                        min(timeouts.connect, max(0.0, self.deadline - loop.time()))
-                    )
-                except UpstreamError as exc:
-                    vstats.upstream_error("timeout" if exc.kind == "timeout" else "connect")
-                    ep.failed(loop.time(), vpool.endpoints)
-                    tried.append(ep)
-                    nxt = None
-                    if len(tried) <= retries and loop.time() < self.deadline:
-                        nxt = vpool.pick(loop.time(), tuple(tried))
-                    if nxt is None:
-                        raise
-                    ep = nxt
-                    continue
-                if self.down.closed:
-                    ep.release(conn, True)
-                    raise ClientGone()
-                try:
-                    status = await self.exchange_on(conn, head)
-                except UpstreamError as exc:
-                    ep.release(conn, False)
-                    if exc.retryable and reused and stale_retry and not self.got_bytes:
-                        continue  # a pooled connection the upstream had closed: try a fresh one
-                    vstats.upstream_error(exc.kind)
-                    if exc.kind != "timeout":
-                        ep.failed(loop.time(), vpool.endpoints)
-                    raise
-                except ClientGone:
-                    ep.release(conn, False)
-                    raise
-                if status >= 500:
-                    ep.failed(loop.time(), vpool.endpoints)
-                else:
-                    ep.succeeded()
-                return status
-            finally:
-                ep.outstanding -= 1
+    def use_version(self, version: str, reason: str, now: float) -> EndpointPool | None:
+        rr = self.rr
+        assert rr is not None
+        self.version = version
+        self.reason = reason
+        self.extra = self.cookie_extra + rr.version_headers[version]
+        self.vstats = rr.stats[version]
+        self.vstats.inflight += 1
+        self.vpool = vpool = rr.pools[version]
+        self.tried = []
+        return vpool.pick(now)
 
-    def upstream_head(self, ep: EndpointPool) -> bytes:
-        gw = self.gw
-        headers = strip_hop_by_hop(self.headers, keep_upgrade=self.upgrade)
-        host = b""
-        for name, value in headers:
-            if name == b"host":
-                host = value
-                break
+    def attempt(self, ep: EndpointPool) -> None:
+        self.ep = ep
+        ep.outstanding += 1
+        conn = ep.take_idle()
+        if conn is not None:
+            self.send_on(conn, True)
         else:
-            host = f"{ep.endpoint.host}:{ep.endpoint.port}".encode()
-            headers.append((b"host", host))
-        if self.chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
-        down = self.down
-        headers = forwarding(headers, down.client_ip, host, down.trusted, gw.via)
-        return serialize(self.method + b" " + self.target + b" HTTP/1.1\r\n", headers)
+            self.connecting = self.gw.loop.create_task(self.connect(ep))
 
-    async def exchange_on(self, conn: UpstreamConnection, head: bytes) -> int:
+    async def connect(self, ep: EndpointPool) -> None:
+        loop = self.gw.loop
+        timeout = min(self.gw.config.timeouts.connect, max(0.0, self.deadline - loop.time()))
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                conn, reused = await ep.acquire(timeout)
+        except UpstreamError as exc:
+            self.connecting = None
+            self.connect_failed(ep, exc)
+            return
+        except TimeoutError:
+            self.connecting = None
+            late = UpstreamError("timeout", 504, "no upstream connection within the deadline")
+            self.connect_failed(ep, late)
+            return
+        self.connecting = None
+        if self.ended:
+            ep.release(conn, True)
+            return
+        self.send_on(conn, reused)
+
+    def connect_failed(self, ep: EndpointPool, exc: UpstreamError) -> None:
+        self.drop_endpoint()
+        assert self.vstats is not None and self.vpool is not None
+        if exc.kind != "unavailable":
+            self.vstats.upstream_error("timeout" if exc.kind == "timeout" else "connect")
+            ep.failed(self.gw.loop.time(), self.vpool.endpoints)
+        self.tried.append(ep)
+        now = self.gw.loop.time()
+        if exc.retryable and len(self.tried) <= self.retries and now < self.deadline:
+            nxt = self.vpool.pick(now, tuple(self.tried))
+            if nxt is not None:
+                self.attempt(nxt)
+                return
+        rr = self.rr
+        assert rr is not None
+        stable = rr.policy.stable
+        if exc.retryable and rr.failover and self.version != stable and now < self.deadline:
+            # Nothing was sent: serve from stable, and count it against the chosen version.
+            self.vstats.inflight -= 1
+            self.vstats.record(exc.status, self.reason, perf_counter() - self.started)
+            fallback = self.use_version(stable, "failover", now)
+            if fallback is not None:
+                self.attempt(fallback)
+                return
+        self.error_out(exc)
+
+    def drop_endpoint(self) -> None:
+        ep = self.ep
+        if ep is not None:
+            ep.outstanding -= 1
+            self.ep = None
+
+    # -- forwarding ---------------------------------------------------------------------------
+    def send_on(self, conn: UpstreamConnection, reused: bool) -> None:
         loop = self.gw.loop
         self.conn = conn
+        self.reused = reused
         conn.user = self
         self.parser = httptools.HttpResponseParser(self)
-        self.resp_headers = []
         self.got_bytes = False
-        self.done = fut = loop.create_future()
+        self.resp_headers = []
         transport = conn.transport
         assert transport is not None
         self.last_io = loop.time()
         if self.pending:
-            transport.writelines([head, *self.pending])
+            transport.writelines([self.head, *self.pending])
             self.pending = []
             self.pending_bytes = 0
             self.down.resume_reading(self.down.PAUSE_BUFFER)
         else:
-            transport.write(head)
-        self.arm_timer()
-        try:
-            status: int = await fut
-            return status
-        finally:
-            self.disarm_timer()
-            self.done = None
+            transport.write(self.head)
 
-    # -- timers: one lazy handle, re-armed only when it fires --------------------------------
-    def arm_timer(self) -> None:
-        timeouts = self.gw.config.timeouts
-        due = self.last_io + timeouts.read
-        if not self.head_sent:
-            due = min(due, self.deadline)
-        self.timer = self.gw.loop.call_at(due, self.on_timer)
-
-    def disarm_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def on_timer(self) -> None:
-        self.timer = None
-        if self.done is None or self.done.done():
+    # -- timeouts: checked by Gateway.watch through the downstream connection ----------------
+    def check(self, now: float) -> None:
+        if self.conn is None or self.ended or self.tunnel:
             return
-        now = self.gw.loop.time()
         read = self.gw.config.timeouts.read
         if now - self.last_io >= read:
             self.fail(UpstreamError("timeout", 504, f"upstream sent nothing for {read:g}s"))
         elif not self.head_sent and now >= self.deadline:
             self.fail(UpstreamError("timeout", 504, "upstream did not answer within the deadline"))
-        else:
-            self.arm_timer()
 
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -379,7 +439,7 @@ class Exchange:
             self.down.send(data)
             return
         parser = self.parser
-        if parser is None or self.done is None:
+        if parser is None or self.ended:
             return
         self.got_bytes = True
         self.last_io = self.gw.loop.time()
@@ -398,21 +458,24 @@ class Exchange:
             return
         self.flush()
         if self.complete:
-            self.finish()
+            self.succeed()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.tunnel:
+            self.conn = None
             self.down.close()
-            self.resolve(101)
+            self.end(101)
             return
-        if self.done is None or self.done.done():
+        if self.ended:
             return
         if self.until_close and self.head_sent:
-            if self.resp_chunked_out:
-                self.down.send(b"0\r\n\r\n")
-            self.complete = True
-            self.keep_alive = self.keep_alive and self.resp_chunked_out
-            self.finish(reusable=False)
+            # The close is the end of a response that had no framing.
+            if self.chunked_out:
+                self.down.send(LAST_CHUNK)
+            else:
+                self.keep_alive = False
+            self.conn = None
+            self.succeed()
             return
         if not self.got_bytes:
             self.fail(UpstreamError("reset", 502, "upstream closed the connection", True))
@@ -429,7 +492,16 @@ class Exchange:
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self.resp_length = True
+        elif name == b"transfer-encoding":
+            self.resp_te = True
+        elif name == b"connection":
+            self.resp_connection = (
+                value if self.resp_connection is None else self.resp_connection + b"," + value
+            )
+        self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -437,59 +509,64 @@ class Exchange:
         status = parser.get_status_code()
         self.status = status
         if 100 <= status < 200 and status != 101:
-            # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is.
+            # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients.
             if self.http11:
-                head = serialize(b"HTTP/1.1 %d %s\r\n" % (status, self.resp_reason), [])
-                self.out.append(head)
+                self.out.append(
+                    response_head(
+                        status,
+                        self.resp_reason,
+                        self.resp_headers,
+                        self.resp_connection,
+                        self.gw.via,
+                        (),
+                        False,
+                    )
+                )
             self.resp_headers = []
+            self.resp_connection = None
+            self.resp_length = self.resp_te = False
             return
-        headers = self.resp_headers
-        cl = te = False
-        for name, _ in headers:
-            if name == b"content-length":
-                cl = True
-            elif name == b"transfer-encoding":
-                te = True
+        # llhttp forgets keep-alive once the message is done: read it now.
+        self.upstream_keep_alive = bool(parser.should_keep_alive())
         no_body = self.method == b"HEAD" or status in NO_BODY_STATUS
-        if status == 101:
-            headers = strip_hop_by_hop(headers, keep_upgrade=True)
-        else:
-            headers = strip_hop_by_hop(headers)
-        if not no_body and status != 101 and (te or not cl):
-            self.until_close = not te
+        upgrade = status == 101
+        if not no_body and not upgrade and (self.resp_te or not self.resp_length):
+            self.until_close = not self.resp_te
             if self.http11:
-                self.resp_chunked_out = True
-                headers.append((b"transfer-encoding", b"chunked"))
+                self.chunked_out = True
             else:
                 self.keep_alive = False  # HTTP/1.0 client: the close delimits the body
-        headers = response_via(headers, self.gw.via)
-        headers.extend(self.extra_headers)
-        down = self.down
-        if status != 101:
-            if not self.body_done or down.gw.draining:
-                self.keep_alive = False
-            if not self.keep_alive:
-                headers.append((b"connection", b"close"))
-            elif not self.http11:
-                headers.append((b"connection", b"keep-alive"))
-        self.out.append(serialize(b"HTTP/1.1 %d %s\r\n" % (status, self.resp_reason), headers))
+        if not upgrade and (not self.body_done or self.gw.draining):
+            self.keep_alive = False
+        self.out.append(
+            response_head(
+                status,
+                self.resp_reason,
+                self.resp_headers,
+                self.resp_connection,
+                self.gw.via,
+                self.extra,
+                not self.keep_alive,
+                keep_alive_10=not self.http11,
+                chunked=self.chunked_out,
+                upgrade=upgrade,
+            )
+        )
         self.head_sent = True
         if no_body:
             self.complete = True
 
     def on_body(self, data: bytes) -> None:
-        if self.resp_chunked_out:
-            self.out.append(b"%x\r\n" % len(data))
-            self.out.append(data)
-            self.out.append(b"\r\n")
+        if self.chunked_out:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
             self.out.append(data)
 
     def on_message_complete(self) -> None:
         if self.status < 200 and self.status != 101:
             return  # an interim response; the final one follows on the same parser
-        if self.resp_chunked_out:
-            self.out.append(b"0\r\n\r\n")
+        if self.chunked_out:
+            self.out.append(LAST_CHUNK)
         self.complete = True
 
     def flush(self) -> None:
@@ -499,45 +576,96 @@ class Exchange:
             self.out = []
 
     # -- endings -----------------------------------------------------------------------------
-    def finish(self, reusable: bool = True) -> None:
-        conn = self.conn
-        parser = self.parser
-        if conn is not None and reusable:
-            reusable = (
-                parser is not None
-                and parser.should_keep_alive()
-                and self.body_done
-                and not self.until_close
-                and self.method != b"HEAD"  # framing of a HEAD answer is unknown to the parser
-            )
-            if self.upstream_reads_paused and conn.transport is not None:
-                conn.transport.resume_reading()
-                self.upstream_reads_paused = False
-        self.resolve_with_release(reusable)
-
-    def resolve_with_release(self, reusable: bool) -> None:
+    def succeed(self) -> None:
+        """The response went to the client whole."""
         conn = self.conn
         self.conn = None
         if conn is not None:
+            if self.upstream_reads_paused and conn.transport is not None:
+                conn.transport.resume_reading()
+                self.upstream_reads_paused = False
+            reusable = (
+                self.upstream_keep_alive
+                and self.body_done
+                and not self.until_close
+                and self.method != b"HEAD"  # a HEAD answer's framing is unknown to the parser
+            )
             conn.endpoint.release(conn, reusable)
-        self.resolve(self.status)
+        ep = self.ep
+        if ep is not None:
+            if self.status >= 500:
+                assert self.vpool is not None
+                ep.failed(self.gw.loop.time(), self.vpool.endpoints)
+            else:
+                ep.succeeded()
+        self.drop_endpoint()
+        self.end(self.status)
 
-    def resolve(self, status: int) -> None:
-        fut = self.done
-        if fut is not None and not fut.done():
-            fut.set_result(status)
-
-    def fail(self, exc: BaseException) -> None:
-        fut = self.done
+    def fail(self, exc: UpstreamError) -> None:
+        """The upstream failed after the request was (partly) sent."""
+        if self.ended:
+            return
         conn = self.conn
+        self.conn = None
         if conn is not None:
             conn.user = None
-            conn.close()
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
+            conn.endpoint.release(conn, False)
+        ep = self.ep
+        if (
+            ep is not None
+            and exc.retryable
+            and self.reused
+            and not self.got_bytes
+            and not self.has_body
+            and self.method in IDEMPOTENT
+        ):
+            # A pooled connection the upstream had already closed: try once more afresh.
+            self.drop_endpoint()
+            self.reused = False
+            self.attempt(ep)
+            return
+        assert self.vstats is not None
+        self.vstats.upstream_error(exc.kind if exc.kind != "unavailable" else "connect")
+        if ep is not None and exc.kind != "timeout":
+            assert self.vpool is not None
+            ep.failed(self.gw.loop.time(), self.vpool.endpoints)
+        self.drop_endpoint()
+        self.error_out(exc)
+
+    def error_out(self, exc: UpstreamError) -> None:
+        if self.head_sent:
+            self.down.abort()  # cut mid-response: the client must see a truncated answer
+            self.end(502)
+        else:
+            self.down.respond_local(self, exc.status, exc.kind, exc.detail)
+            self.end(exc.status)
 
     def client_lost(self) -> None:
-        self.fail(ClientGone())
+        if self.ended:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.user = None
+            conn.endpoint.release(conn, False)
+        self.drop_endpoint()
+        self.end(499)
+
+    def end(self, status: int) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.drop_endpoint()
+        self.parser = None  # the parser holds our bound callbacks: break the cycle now
+        self.pending = []
+        vstats = self.vstats
+        if vstats is not None:
+            vstats.inflight -= 1
+            vstats.record(status, self.reason, perf_counter() - self.started)
+        self.down.finished(self)
 
     # -- flow control from the downstream side ------------------------------------------------
     def pause_upstream_reading(self) -> None:
@@ -555,7 +683,6 @@ class Exchange:
     # -- WebSocket and other upgrades: a byte tunnel once the upstream said 101 ---------------
     def start_tunnel(self, rest: bytes) -> None:
         self.tunnel = True
-        self.disarm_timer()
         self.down.start_tunnel(self)
         if self.early and self.conn is not None and self.conn.transport is not None:
             self.conn.transport.write(self.early)
@@ -573,8 +700,5 @@ class Exchange:
         if conn is not None:
             conn.user = None
             conn.close()
-        self.resolve(101)
-
-    def cancel(self) -> None:
-        with contextlib.suppress(Exception):
-            self.fail(ClientGone())
+        self.drop_endpoint()
+        self.end(101)

@@ -1,15 +1,15 @@
-"""Header rewriting for both directions, on plain lists of (lowercase name, value) bytes.
-
-Owns hop-by-hop removal (RFC 9110 7.6.1), X-Forwarded-*/Via, and serialising a head.
-Pure: no I/O, no framing decisions (exchange.py decides Content-Length vs chunked).
+"""Header rewriting for both directions, on lists of (lowercase name, value) bytes, in
+one pass each: hop-by-hop removal (RFC 9110 7.6.1) including fields named in
+Connection, X-Forwarded-*/Via, and serialisation of the head. Pure: no I/O, no framing
+decisions (exchange.py decides Content-Length vs chunked and passes the result in).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 # Fields that describe one connection, never forwarded (RFC 9110 7.6.1, RFC 9112 6.1).
 HOP_BY_HOP = frozenset(
@@ -25,36 +25,40 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Set by graygate itself: incoming copies from untrusted peers are dropped.
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+# Written by graygate itself; incoming copies are kept only from trusted proxies.
+XFF = b"x-forwarded-for"
+XFP = b"x-forwarded-proto"
+XFH = b"x-forwarded-host"
+VIA = b"via"
+HOST = b"host"
+REQUEST_SPECIAL = frozenset({XFF, XFP, XFH, VIA, HOST})
 
 
-def connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
-def strip_hop_by_hop(headers: Headers, keep_upgrade: bool = False) -> Headers:
-    """Drop hop-by-hop fields and every field named in Connection.
-
-    With keep_upgrade (a WebSocket handshake being proxied end to end) `Upgrade` and
-    `Connection: upgrade` survive.
-    """
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named |= connection_tokens(value)
-    drop = HOP_BY_HOP | named
-    if keep_upgrade:
-        drop = drop - {b"upgrade"}
-    out = [(n, v) for n, v in headers if n not in drop]
-    if keep_upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out
+_DROPPED_CACHE: dict[tuple[bytes, bool], frozenset[bytes]] = {}
 
 
-def is_trusted(
-    addr: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
+def _dropped(connection: bytes | None, upgrade: bool) -> frozenset[bytes]:
+    base = HOP_BY_HOP_UPGRADE if upgrade else HOP_BY_HOP
+    if not connection:
+        return base
+    key = (connection, upgrade)
+    drop = _DROPPED_CACHE.get(key)
+    if drop is None:
+        named = connection_tokens(connection)
+        if upgrade:
+            named = named - {b"upgrade"}
+        drop = base | named
+        if len(_DROPPED_CACHE) < 64:  # the common values ("keep-alive", "close") stay
+            _DROPPED_CACHE[key] = drop
+    return drop
+
+
+def is_trusted(addr: str, trusted: Networks) -> bool:
     if not trusted or not addr:
         return False
     try:
@@ -64,59 +68,127 @@ def is_trusted(
     return any(ip in net for net in trusted)
 
 
-def forwarding(
+def request_head(
+    method: bytes,
+    target: bytes,
     headers: Headers,
-    client_ip: str,
-    host: bytes,
+    connection: bytes | None,
+    client_ip: bytes,
     trusted: bool,
     via: bytes,
-    proto: bytes = b"http",
-) -> Headers:
-    """Add X-Forwarded-For/-Proto/-Host and Via to request headers (already hop-stripped).
+    default_host: bytes,
+    upgrade: bool = False,
+    chunked: bool = False,
+) -> bytes:
+    """The head graygate sends upstream for a client request.
 
-    From a trusted proxy the incoming chain is kept and extended; from anyone else the
-    incoming X-Forwarded-* are dropped, so a client cannot forge its address.
+    Drops hop-by-hop fields and those named in `connection` (the client's Connection
+    value); keeps Host as sent (or `default_host` when the client sent none). From an
+    untrusted peer any X-Forwarded-* is dropped so nobody can forge an address; from a
+    trusted proxy the chain is kept and extended. Via gets `via` appended.
+
+    >>> head = request_head(b"GET", b"/", [(b"host", b"a"), (b"x-forwarded-for", b"6.6.6.6")],
+    ...     None, b"10.0.0.1", False, b"1.1 graygate", b"up:80")
+    >>> head.split(b"\\r\\n")[:4]
+    [b'GET / HTTP/1.1', b'host: a', b'x-forwarded-for: 10.0.0.1', b'x-forwarded-proto: http']
     """
-    xff: list[bytes] = []
-    out: Headers = []
-    prior_via: list[bytes] = []
-    fwd_proto: bytes | None = None
-    fwd_host: bytes | None = None
+    drop = _dropped(connection, upgrade)
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    host: bytes | None = None
+    chain: list[bytes] = []
+    vias: list[bytes] = []
+    proto: bytes | None = None
+    fhost: bytes | None = None
     for name, value in headers:
-        if name in FORWARDING:
-            if trusted:
-                if name == b"x-forwarded-for":
-                    xff.append(value)
-                elif name == b"x-forwarded-proto" and fwd_proto is None:
-                    fwd_proto = value
-                elif name == b"x-forwarded-host" and fwd_host is None:
-                    fwd_host = value
+        if name in drop:
             continue
-        if name == b"via":
-            prior_via.append(value)
+        if name in REQUEST_SPECIAL:
+            if name == HOST:
+                if host is None:
+                    host = value
+                    parts += (name, b": ", value, b"\r\n")
+            elif name == VIA:
+                vias.append(value)
+            elif trusted:
+                if name == XFF:
+                    chain.append(value)
+                elif name == XFP:
+                    proto = proto or value
+                elif fhost is None:
+                    fhost = value
             continue
-        out.append((name, value))
-    xff.append(client_ip.encode())
-    out.append((b"x-forwarded-for", b", ".join(xff)))
-    out.append((b"x-forwarded-proto", fwd_proto or proto))
-    if fwd_host is not None or host:
-        out.append((b"x-forwarded-host", fwd_host if fwd_host is not None else host))
-    prior_via.append(via)
-    out.append((b"via", b", ".join(prior_via)))
-    return out
+        parts += (name, b": ", value, b"\r\n")
+    if host is None:
+        host = default_host
+        parts += (b"host: ", host, b"\r\n")
+    chain.append(client_ip)
+    vias.append(via)
+    parts += (
+        b"x-forwarded-for: ",
+        b", ".join(chain),
+        b"\r\nx-forwarded-proto: ",
+        proto or b"http",
+        b"\r\nx-forwarded-host: ",
+        fhost if fhost is not None else host,
+        b"\r\nvia: ",
+        b", ".join(vias),
+        b"\r\n",
+    )
+    if upgrade:
+        parts.append(b"connection: upgrade\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
-def response_via(headers: Headers, via: bytes) -> Headers:
-    prior = [v for n, v in headers if n == b"via"]
-    out = [(n, v) for n, v in headers if n != b"via"]
-    prior.append(via)
-    out.append((b"via", b", ".join(prior)))
-    return out
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    connection: bytes | None,
+    via: bytes,
+    extra: tuple[tuple[bytes, bytes], ...],
+    close: bool,
+    keep_alive_10: bool = False,
+    chunked: bool = False,
+    upgrade: bool = False,
+) -> bytes:
+    """The head graygate sends to the client for an upstream response.
+
+    Hop-by-hop fields and those named in the upstream's `connection` value go; Via gets
+    `via` appended; `extra` (version header, Set-Cookie) is added as is. `close` adds
+    `Connection: close`; `keep_alive_10` adds `Connection: keep-alive` for HTTP/1.0 clients.
+    """
+    drop = _dropped(connection, upgrade)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    vias: list[bytes] = []
+    for name, value in headers:
+        if name in drop:
+            continue
+        if name == VIA:
+            vias.append(value)
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    vias.append(via)
+    parts += (b"via: ", b", ".join(vias), b"\r\n")
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    if upgrade:
+        parts.append(b"connection: upgrade\r\n")
+    elif close:
+        parts.append(b"connection: close\r\n")
+    elif keep_alive_10:
+        parts.append(b"connection: keep-alive\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
-def serialize(first_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+def serialize(first_line: bytes, headers: Headers) -> bytes:
     parts = [first_line]
     for name, value in headers:
-        parts.append(name + b": " + value + b"\r\n")
+        parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)

@@ -99,6 +99,8 @@ class EndpointPool:
     ) -> None:
         self.endpoint = endpoint
         self.url = endpoint.url
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        self.host_header = f"{host}:{endpoint.port}".encode()  # Host for HTTP/1.0 clients
         self.route = route
         self.version = version
         self.limits = limits
@@ -118,14 +120,24 @@ class EndpointPool:
     def available(self, now: float) -> bool:
         return self.healthy and self.ejected_until <= now
 
-    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
-        """A connection for one exchange: (connection, reused)."""
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled keep-alive connection, without waiting; None when there is none."""
         idle = self.idle
         while idle:
             conn = idle.pop()  # most recently used first: least likely to be stale
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange: (connection, reused). Waits for a pool slot
+        when the endpoint is at max_connections (the caller bounds the wait)."""
+        while True:
+            conn = self.take_idle()
+            if conn is not None:
                 return conn, True
-        if self.open >= self.limits.max_connections_per_endpoint:
+            if self.open < self.limits.max_connections_per_endpoint:
+                break
             if len(self.waiters) >= self.limits.max_pending:
                 raise UpstreamError("unavailable", 503, "upstream connection pool is full")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -135,8 +147,6 @@ class EndpointPool:
             finally:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(fut)
-            if idle:
-                return idle.pop(), True
         self.open += 1
         loop = asyncio.get_running_loop()
         ep = self.endpoint

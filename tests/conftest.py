@@ -212,14 +212,14 @@ def graygate_process(tmp_path: Path) -> Iterator[Callable[..., Process]]:
 
     def start(*args: str, env: dict[str, str] | None = None) -> Process:
         log = tmp_path / f"graygate-{len(procs)}.log"
-        fh = open(log, "wb")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=str(tmp_path),
-            env={**os.environ, **(env or {})},
-        )
+        with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=str(tmp_path),
+                env={**os.environ, **(env or {})},
+            )
         p = Process(proc, log)
         procs.append(p)
         return p
