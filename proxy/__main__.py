@@ -1,3 +1,5 @@
+"""`python -m proxy` is the `graygate` command."""
+
 from proxy.cli import main
 
 raise SystemExit(main())

@@ -12,6 +12,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -134,10 +135,9 @@ class App:
         self.tasks.append(asyncio.get_running_loop().create_task(coro))
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(loop.time())
+            self.gateway.upstreams.sweep_idle(time.monotonic())
 
     def persist(self) -> None:
         self.state_file.save(self.store.states(), self.events.since(0))

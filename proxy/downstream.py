@@ -7,6 +7,7 @@ Data plane: no aiohttp; the forwarding itself lives in exchange.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections import deque
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
 WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
 
 
@@ -61,6 +63,7 @@ class Gateway:
     def apply_config(self, config: Config) -> None:
         self.config = config
         self.via = f"1.1 {config.via}".encode()
+        self.access_log = config.access_log
         self.trusted = config.trusted_proxies
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
@@ -125,6 +128,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self.max_head = gw.config.limits.max_header_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
@@ -160,7 +164,10 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 client seen through a dual-stack listener
+        self.client_ip = ip
         self.client_ip_bytes = self.client_ip.encode()
         self.trusted = is_trusted(self.client_ip, self.gw.trusted)
         self.gw.connections.add(self)
@@ -211,7 +218,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # Half-close: answer what was asked, then close (keep the transport open to write).
+        # A request cut before its end will never be complete: drop it now, as the
+        # client's doing (499), rather than let the upstream time out on it.
         self.stopped = True
+        ex = self.incoming
+        if ex is not None and not ex.body_done:
+            self.incoming = None
+            ex.client_lost()
         if not self.queue:
             self.close()
         return True
@@ -248,11 +261,14 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        limit = self.gw.config.limits.max_header_bytes
-        if self.head_bytes > limit:
+        if self.head_bytes > self.max_head:
+            limit = self.max_head
             self.limit_error = (431, "header_too_large", f"request head exceeds {limit} bytes")
             raise HeadTooLarge()
         name = name.lower()
+        self.headers.append((name, value))
+        if name not in NOTED:
+            return
         if name == b"host":
             self.host = value
             self.host_count += 1
@@ -264,7 +280,6 @@ class DownstreamProtocol(asyncio.Protocol):
             self.te = True
         elif name == b"connection":
             self.connection = value if self.connection is None else self.connection + b"," + value
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -387,6 +402,10 @@ class DownstreamProtocol(asyncio.Protocol):
     def finished(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(ex)  # dropped before its turn: the answering one goes on
+            return
         if self.closing or self.tunnel is not None:
             return
         if not ex.keep_alive or (ex is self.incoming and not ex.body_done):

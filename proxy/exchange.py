@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from proxy.downstream import DownstreamProtocol, Gateway
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("graygate.access")  # per-request lines, off by default
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 NO_BODY_STATUS = frozenset({204, 304})
@@ -110,6 +111,7 @@ class Exchange:
 
     __slots__ = (
         "body_done",
+        "body_left",
         "body_seen",
         "chunked",
         "chunked_out",
@@ -139,6 +141,7 @@ class Exchange:
         "method",
         "out",
         "parser",
+        "passthrough",
         "path",
         "pending",
         "pending_bytes",
@@ -225,7 +228,9 @@ class Exchange:
         self.resp_reason = b""
         self.resp_headers: Headers = []
         self.resp_connection: bytes | None = None
-        self.resp_length = False
+        self.resp_length = -1  # Content-Length of the response; -1: none
+        self.body_left = 0  # Content-Length bytes still to relay
+        self.passthrough = False  # body bytes now go to the client without the parser
         self.resp_te = False
         self.chunked_out = False
         self.until_close = False
@@ -435,6 +440,23 @@ class Exchange:
 
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
     def upstream_data(self, data: bytes) -> None:
+        if self.passthrough:
+            # A Content-Length body after its head: relay bytes as they come, no parsing.
+            self.last_io = self.gw.loop.time()
+            left = self.body_left - len(data)
+            if left > 0:
+                self.body_left = left
+                self.down.send(data)
+                return
+            if left < 0:
+                data = data[: self.body_left]
+                self.upstream_keep_alive = False  # bytes beyond the body: never reuse
+            self.body_left = 0
+            self.passthrough = False
+            self.down.send(data)
+            self.complete = True
+            self.succeed()
+            return
         if self.tunnel:
             self.down.send(data)
             return
@@ -454,11 +476,18 @@ class Exchange:
             return
         except httptools.HttpParserError as exc:
             self.flush()
+            if self.complete:
+                # Junk after a complete answer: the answer stands, the connection goes.
+                self.upstream_keep_alive = False
+                self.succeed()
+                return
             self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {exc}"))
             return
         self.flush()
         if self.complete:
             self.succeed()
+        elif self.body_left > 0 and not self.chunked_out:
+            self.passthrough = True
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.tunnel:
@@ -494,7 +523,7 @@ class Exchange:
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-length":
-            self.resp_length = True
+            self.resp_length = int(value)  # llhttp has validated it
         elif name == b"transfer-encoding":
             self.resp_te = True
         elif name == b"connection":
@@ -524,13 +553,14 @@ class Exchange:
                 )
             self.resp_headers = []
             self.resp_connection = None
-            self.resp_length = self.resp_te = False
+            self.resp_length = -1
+            self.resp_te = False
             return
         # llhttp forgets keep-alive once the message is done: read it now.
         self.upstream_keep_alive = bool(parser.should_keep_alive())
         no_body = self.method == b"HEAD" or status in NO_BODY_STATUS
         upgrade = status == 101
-        if not no_body and not upgrade and (self.resp_te or not self.resp_length):
+        if not no_body and not upgrade and (self.resp_te or self.resp_length < 0):
             self.until_close = not self.resp_te
             if self.http11:
                 self.chunked_out = True
@@ -555,8 +585,11 @@ class Exchange:
         self.head_sent = True
         if no_body:
             self.complete = True
+        elif not self.resp_te and self.resp_length > 0:
+            self.body_left = self.resp_length
 
     def on_body(self, data: bytes) -> None:
+        self.body_left -= len(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -665,7 +698,24 @@ class Exchange:
         if vstats is not None:
             vstats.inflight -= 1
             vstats.record(status, self.reason, perf_counter() - self.started)
+        if self.gw.access_log:
+            self.log_access(status)
         self.down.finished(self)
+
+    def log_access(self, status: int) -> None:
+        # No headers, cookies or tokens: only what identifies the exchange.
+        rr = self.rr
+        access_logger.info(
+            "%s %s %s %d route=%s version=%s reason=%s %.1fms",
+            self.down.client_ip,
+            self.method.decode("latin-1"),
+            self.path,
+            status,
+            rr.policy.name if rr is not None else "-",
+            self.version or "-",
+            self.reason or "-",
+            (perf_counter() - self.started) * 1000 if self.started else 0.0,
+        )
 
     # -- flow control from the downstream side ------------------------------------------------
     def pause_upstream_reading(self) -> None:

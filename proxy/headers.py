@@ -26,6 +26,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+# Never removed because Connection names them: dropping framing or Host would let one
+# message run into the next (request smuggling). RFC 9110 7.6.1 forbids such options.
+PROTECTED = frozenset({b"content-length", b"host"})
 # Written by graygate itself; incoming copies are kept only from trusted proxies.
 XFF = b"x-forwarded-for"
 XFP = b"x-forwarded-proto"
@@ -49,7 +52,7 @@ def _dropped(connection: bytes | None, upgrade: bool) -> frozenset[bytes]:
     key = (connection, upgrade)
     drop = _DROPPED_CACHE.get(key)
     if drop is None:
-        named = connection_tokens(connection)
+        named = connection_tokens(connection) - PROTECTED
         if upgrade:
             named = named - {b"upgrade"}
         drop = base | named
@@ -65,6 +68,8 @@ def is_trusted(addr: str, trusted: Networks) -> bool:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 client seen through a dual-stack listener
     return any(ip in net for net in trusted)
 
 

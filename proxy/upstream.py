@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Literal, Protocol, cast
@@ -144,6 +145,10 @@ class EndpointPool:
             self.waiters.append(fut)
             try:
                 await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake()  # we were woken but leave: pass the turn on
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(fut)
@@ -175,7 +180,7 @@ class EndpointPool:
             and not conn.closed
             and len(self.idle) < self.limits.max_idle_per_endpoint
         ):
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = time.monotonic()
             if self.waiters:
                 self.idle.append(conn)
                 self._wake()
@@ -262,16 +267,19 @@ class VersionPool:
             ep = eps[0]
             return ep if ep.available(now) and ep not in tried else None
         start = self._next
-        self._next = (start + 1) % n
         best: EndpointPool | None = None
+        best_at = 0
         for i in range(n):
-            ep = eps[(start + i) % n]
+            at = (start + i) % n
+            ep = eps[at]
             if ep in tried or not ep.available(now):
                 continue
-            if self.round_robin:
-                return ep
-            if best is None or ep.outstanding < best.outstanding:
-                best = ep
+            if best is None or (not self.round_robin and ep.outstanding < best.outstanding):
+                best, best_at = ep, at
+                if self.round_robin:
+                    break
+        if best is not None:
+            self._next = (best_at + 1) % n  # the turn passes from the chosen one, not the start
         return best
 
     def any_available(self, now: float) -> bool:
