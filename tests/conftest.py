@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 import yaml
 from aiohttp import web
 
@@ -24,6 +25,18 @@ from proxy.app import App
 from proxy.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
+# The data plane serves on uvloop in production: its tests run on uvloop too, as well as
+# on the standard loop (transports differ in pause/resume and half-close details).
+BOTH_LOOPS = {"test_proxy", "test_downstream", "test_failures", "test_hostile", "test_exchange"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    module = item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module") else ""
+    if module in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
