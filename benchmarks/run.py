@@ -481,26 +481,19 @@ def _timeline(data: dict[str, Any], weights: list[tuple[float, int]]) -> list[di
     return points
 
 
-def _find(body: Any, key: str) -> Any:
-    if isinstance(body, dict):
-        if key in body:
-            return body[key]
-        for v in body.values():
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
-
-
 def _green_weight(body: Any) -> int | None:
-    weights = _find(body, "weights")
+    # The runtime weights (body["state"]), not the config's starting point.
+    state = body.get("state") if isinstance(body, dict) else None
+    weights = state.get("weights") if isinstance(state, dict) else None
     if isinstance(weights, dict) and isinstance(weights.get("green"), int):
         return int(weights["green"])
     return None
 
 
 def _rolled_back(body: Any) -> bool:
-    return "rolled_back" in json.dumps(body)
+    state = body.get("state") if isinstance(body, dict) else None
+    rollout = state.get("rollout") if isinstance(state, dict) else None
+    return isinstance(rollout, dict) and rollout.get("state") == "rolled_back"
 
 
 def build_parser() -> argparse.ArgumentParser:
