@@ -475,7 +475,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.send_all((head, body))
         self.close()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 

@@ -34,6 +34,7 @@ NO_BODY_STATUS = frozenset({204, 304})
 EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 LAST_CHUNK = b"0\r\n\r\n"
+SPLIT_HEAD_ABOVE = 16384  # reads larger than this get their head parsed apart
 REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -441,53 +442,79 @@ class Exchange:
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
     def upstream_data(self, data: bytes) -> None:
         if self.passthrough:
-            # A Content-Length body after its head: relay bytes as they come, no parsing.
-            self.last_io = self.gw.loop.time()
-            left = self.body_left - len(data)
-            if left > 0:
-                self.body_left = left
-                self.down.send(data)
-                return
-            if left < 0:
-                data = data[: self.body_left]
-                self.upstream_keep_alive = False  # bytes beyond the body: never reuse
-            self.body_left = 0
-            self.passthrough = False
-            self.down.send(data)
-            self.complete = True
-            self.succeed()
+            self.relay_body(data)
             return
         if self.tunnel:
             self.down.send(data)
             return
-        parser = self.parser
-        if parser is None or self.ended:
+        if self.parser is None or self.ended:
             return
         self.got_bytes = True
         self.last_io = self.gw.loop.time()
+        if not self.head_sent and len(data) > SPLIT_HEAD_ABOVE:
+            # A head and a large body in one read: parse only the head, then relay the
+            # body as a zero-copy view (one writev with the head) instead of a parser copy.
+            end = data.find(b"\r\n\r\n", 0, 65536)
+            if end > 0:
+                end += 4
+                if not self.feed(data[:end]):
+                    return
+                if self.passthrough:
+                    self.relay_body(memoryview(data)[end:])
+                    return
+                data = data[end:]
+        if self.feed(data):
+            self.flush()
+
+    def feed(self, data: bytes) -> bool:
+        """Parse upstream bytes; False when the exchange ended (its output is flushed)."""
+        parser = self.parser
+        assert parser is not None
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.flush()
             if self.status == 101 and self.upgrade:
                 self.start_tunnel(data[exc.args[0] :])
-                return
+                return False
             self.fail(UpstreamError("protocol", 502, "unexpected protocol switch from upstream"))
-            return
+            return False
         except httptools.HttpParserError as exc:
             self.flush()
             if self.complete:
                 # Junk after a complete answer: the answer stands, the connection goes.
                 self.upstream_keep_alive = False
                 self.succeed()
-                return
+                return False
             self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {exc}"))
-            return
-        self.flush()
+            return False
         if self.complete:
+            self.flush()
             self.succeed()
-        elif self.body_left > 0 and not self.chunked_out:
+            return False
+        if self.body_left > 0 and not self.chunked_out:
             self.passthrough = True
+        return True
+
+    def relay_body(self, data: bytes | memoryview) -> None:
+        """A Content-Length body after its head: bytes go out as they come, unparsed, in
+        one write with whatever head is still waiting in `out`."""
+        self.last_io = self.gw.loop.time()
+        left = self.body_left - len(data)
+        done = left <= 0
+        if left < 0:
+            data = data[: self.body_left]
+            self.upstream_keep_alive = False  # bytes beyond the body: never reuse
+        self.body_left = max(left, 0)
+        if self.out:
+            self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
+            self.flush()
+        else:
+            self.down.send(data)
+        if done:
+            self.passthrough = False
+            self.complete = True
+            self.succeed()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.tunnel:

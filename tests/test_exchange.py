@@ -71,3 +71,52 @@ async def test_bytes_beyond_content_length_are_not_forwarded(gateway, together: 
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "framing", ["content-length", "content-length-junk", "chunked", "interim-then-length"]
+)
+async def test_large_answer_in_one_write_is_relayed_exactly(gateway, framing: str) -> None:
+    """Head and a 100 KiB body in one upstream write: the head is parsed apart and the
+    body relayed without the parser (or through it, when chunked); bytes are exact."""
+    body = bytes(range(256)) * 400  # 102,400 bytes
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if framing == "chunked":
+                half = len(body) // 2
+                payload = (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + b"%x\r\n" % half
+                    + body[:half]
+                    + b"\r\n"
+                    + b"%x\r\n" % (len(body) - half)
+                    + body[half:]
+                    + b"\r\n0\r\n\r\n"
+                )
+            else:
+                payload = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                if framing == "interim-then-length":
+                    payload = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + payload
+                if framing == "content-length-junk":
+                    payload += b"JUNK"
+            writer.write(payload)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        gw = await gateway([route_config(f"http://127.0.0.1:{port}")])
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/big") as r:
+            assert r.status == 200
+            got = await r.read()
+        assert got == body
+    finally:
+        server.close()
+        await server.wait_closed()
