@@ -356,7 +356,7 @@ class Bench:
     def churn_rollback(self, progress: Progress) -> None:
         entry: dict[str, Any] = {
             "description": "rollout of green (aiohttp app) at 1 s intervals under 1000 req/s; "
-            "green starts failing (500) a third into the run; measured: time from the first "
+            "green starts failing (500) 1.5 s into the run, mid-rollout; measured: time from the first "
             "bad response to rollback and canary errors users saw",
         }
         self.raw["scenarios"]["churn-rollback"] = entry
@@ -427,7 +427,9 @@ class Bench:
                 now = time.time()
                 if now - t0 > duration:
                     break
-                if fail_at is None and now - t0 > duration / 3:
+                # Fail while the rollout is still stepping (steps come every second), not
+                # after it has been promoted: a third into the run, at most 1.5 s in.
+                if fail_at is None and now - t0 > min(duration / 3, 1.5):
                     async with session.post(f"http://127.0.0.1:{app_port}/_fail") as r:
                         fail_at = time.time()
                 try:

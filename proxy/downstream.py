@@ -423,17 +423,21 @@ class DownstreamProtocol(asyncio.Protocol):
         self.arm(self.gw.config.timeouts.keepalive)
 
     def respond_local(self, ex: Exchange, status: int, code: str, message: str) -> None:
-        """A response graygate makes itself: short text body, X-Graygate-Error says why."""
-        if self.closed:
-            return
+        """An error graygate makes itself: short text body, X-Graygate-Error says why."""
         body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
         headers: Headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
             (b"x-graygate-error", code.encode()),
         ]
         if status == 503:
             headers.append((b"retry-after", b"1"))
+        self.respond(ex, status, headers, body)
+
+    def respond(self, ex: Exchange, status: int, headers: Headers, body: bytes) -> None:
+        """Any response graygate answers itself (errors, Max-Forwards: 0)."""
+        if self.closed:
+            return
+        headers.append((b"content-length", str(len(body)).encode()))
         headers.extend(ex.extra)
         if not ex.body_done or self.gw.draining:
             ex.keep_alive = False
@@ -441,7 +445,8 @@ class DownstreamProtocol(asyncio.Protocol):
             headers.append((b"connection", b"close"))
         elif not ex.http11:
             headers.append((b"connection", b"keep-alive"))
-        head = serialize(b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")), headers)
+        reason = REASONS.get(status, b"OK" if status == 200 else b"Error")
+        head = serialize(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
         if ex.method == b"HEAD":
             self.send(head)
         else:

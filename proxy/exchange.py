@@ -34,7 +34,12 @@ NO_BODY_STATUS = frozenset({204, 304})
 EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 LAST_CHUNK = b"0\r\n\r\n"
-SPLIT_HEAD_ABOVE = 16384  # reads larger than this get their head parsed apart
+SPLIT_HEAD_ABOVE = 16384
+MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
+ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
+SECRET_FIELDS = frozenset(
+    {b"authorization", b"cookie", b"proxy-authorization"}
+)  # reads larger than this get their head parsed apart
 REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -280,6 +285,8 @@ class Exchange:
             down.respond_local(self, status, code, message)
             self.end(status)
             return
+        if self.method in MAX_FORWARDS_METHODS and self.max_forwards():
+            return
         gw = self.gw
         self.started = perf_counter()
         rt = gw.runtime
@@ -334,6 +341,32 @@ class Exchange:
             self.chunked,
         )
         self.attempt(ep)
+
+    def max_forwards(self) -> bool:
+        """RFC 9110 7.6.2: OPTIONS and TRACE with `Max-Forwards: 0` are answered here,
+        any other value is decremented. True when answered."""
+        headers = self.headers
+        for i, (name, value) in enumerate(headers):
+            if name != b"max-forwards":
+                continue
+            try:
+                hops = int(value)
+            except ValueError:
+                return False  # not a number: forwarded untouched, as an unknown field
+            if hops > 0:
+                headers[i] = (name, str(hops - 1).encode())
+                return False
+            if self.method == b"OPTIONS":
+                self.down.respond(self, 200, [(b"allow", ALLOW)], b"")
+            else:
+                # The request as received, minus credentials (no cross-site tracing).
+                echo = [(n, v) for n, v in headers if n not in SECRET_FIELDS]
+                body = self.method + b" " + self.target + b" HTTP/1.1\r\n"
+                body += b"".join(n + b": " + v + b"\r\n" for n, v in echo) + b"\r\n"
+                self.down.respond(self, 200, [(b"content-type", b"message/http")], body)
+            self.end(200)
+            return True
+        return False
 
     def use_version(self, version: str, reason: str, now: float) -> EndpointPool | None:
         rr = self.rr

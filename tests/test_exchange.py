@@ -120,3 +120,33 @@ async def test_large_answer_in_one_write_is_relayed_exactly(gateway, framing: st
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_max_forwards_zero_is_answered_here_and_decremented_otherwise(
+    upstreams, gateway
+) -> None:
+    """RFC 9110 7.6.2: OPTIONS/TRACE with Max-Forwards 0 never reach the upstream."""
+    blue = await upstreams("blue")
+    gw = await gateway([route_config(blue.url)])
+    out = await raw_request(
+        gw.port, b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert b"\r\nallow: " in out.lower()
+    out = await raw_request(
+        gw.port,
+        b"TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nCookie: s=hunter2\r\n"
+        b"X-Probe: 1\r\nConnection: close\r\n\r\n",
+    )
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"message/http" in head
+    assert body.startswith(b"TRACE /t HTTP/1.1\r\n") and b"x-probe: 1" in body
+    assert b"hunter2" not in body  # credentials are not echoed
+    assert blue.requests == []
+    out = await raw_request(
+        gw.port, b"OPTIONS /y HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\nConnection: close\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 200")
+    assert len(blue.requests) == 1
+    forwarded = dict((k.lower(), v) for k, v in blue.requests[0]["headers"])
+    assert forwarded[b"max-forwards"] == b"2"
