@@ -356,8 +356,8 @@ class Bench:
     def churn_rollback(self, progress: Progress) -> None:
         entry: dict[str, Any] = {
             "description": "rollout of green (aiohttp app) at 1 s intervals under 1000 req/s; "
-            "green starts failing (500) 1.5 s into the run, mid-rollout; measured: time from the first "
-            "bad response to rollback and canary errors users saw",
+            "green starts failing (500) 1.5 s into the run, mid-rollout; measured: time "
+            "from the first bad response to rollback and canary errors users saw",
         }
         self.raw["scenarios"]["churn-rollback"] = entry
         if self.gg_cmd is None:

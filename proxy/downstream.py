@@ -10,8 +10,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
+import time
 from collections import deque
 from collections.abc import Iterable
+from email.utils import formatdate
 from typing import cast
 
 import httptools
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+# uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
+HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# A well-formed request line whose method llhttp does not know: 501, not 400.
+EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
 NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
 WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
 
@@ -56,19 +63,29 @@ class Gateway:
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and the last connection closed
+        self.date_second = 0
+        self.date = b""  # RFC 9110 6.6.1 Date for answers that have none; see refresh_date
+        self.refresh_date()
         self.apply_config(config)
         self.runtime: Runtime = build_runtime(store.policy, self.upstreams, stats)
         store.subscribe(self.on_policy)
 
     def apply_config(self, config: Config) -> None:
         self.config = config
-        self.via = f"1.1 {config.via}".encode()
+        self.via = f"1.1 {config.via}".encode()  # RFC 9110 7.6.3: the received version
+        self.via10 = f"1.0 {config.via}".encode()
         self.access_log = config.access_log
         self.trusted = config.trusted_proxies
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(config.listen.host.lower())
         self.own_hosts = frozenset(hosts)
+
+    def refresh_date(self) -> None:
+        second = int(time.time())
+        if second != self.date_second:
+            self.date_second = second
+            self.date = formatdate(second, usegmt=True).encode()
 
     def reconfigure(self, config: Config) -> None:
         """Reload: new pools and stats first, then the store swaps the policy (on_policy)."""
@@ -94,9 +111,11 @@ class Gateway:
         return True
 
     async def watch(self) -> None:
-        """The one timer of the data plane: client and upstream timeouts of every connection."""
+        """The one timer of the data plane: client and upstream timeouts of every connection,
+        and the cached Date value."""
         while True:
             await asyncio.sleep(WATCH_TICK)
+            self.refresh_date()
             now = self.loop.time()
             for conn in list(self.connections):
                 conn.check(now)
@@ -131,6 +150,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.max_head = gw.config.limits.max_header_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # RFC 9112 7.1.1 allows whitespace before a chunk extension; llhttp needs telling.
+        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self.client_ip = ""
         self.client_ip_bytes = b""
         self.trusted = False
@@ -142,6 +163,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.incoming: Exchange | None = None  # the request whose body is being parsed
         self.deadline = 0.0  # loop time when the client phase times out; 0: none
         self.tunnel: Exchange | None = None
+        self.deferred: Exchange | None = None  # parsed in this read, started after it
         self.stopped = False  # no more requests are parsed on this connection
         self.in_head = False
         self.began = False
@@ -200,6 +222,14 @@ class DownstreamProtocol(asyncio.Protocol):
             if ex is not None and ex.upgrade:
                 ex.early = data[exc.args[0] :]
                 self.pause_reading(self.PAUSE_UPGRADE)
+            self.start_deferred()
+            return
+        except httptools.HttpParserInvalidMethodError:
+            # llhttp knows a fixed list of methods; RFC 9110 9.1 allows any token.
+            if EXTENSION_METHOD_RE.match(data.lstrip(b"\r\n")) is not None:
+                self.reject(501, "method_not_implemented", "request method not supported")
+            else:
+                self.reject(400, "bad_request", "malformed request line")
             return
         except httptools.HttpParserError as exc:
             # httptools wraps what our callbacks raise; the callback left the verdict here.
@@ -215,6 +245,15 @@ class DownstreamProtocol(asyncio.Protocol):
             limit = self.gw.config.limits.max_header_bytes
             if self.head_raw > limit:
                 self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+                return
+        self.start_deferred()
+
+    def start_deferred(self) -> None:
+        ex = self.deferred
+        if ex is not None:
+            self.deferred = None
+            if not ex.ended:
+                self.start(ex)
 
     def eof_received(self) -> bool | None:
         # Half-close: answer what was asked, then close (keep the transport open to write).
@@ -302,8 +341,12 @@ class DownstreamProtocol(asyncio.Protocol):
             error = (400, "bad_request", "missing Host header")
         elif self.te and version == "1.0":
             error = (400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+        elif self.host is not None and HOST_RE.fullmatch(self.host) is None:
+            error = (400, "bad_request", "invalid Host header")  # RFC 9112 3.2
         elif method == b"CONNECT":
             error = (405, "method_not_allowed", "graygate is not a forward proxy")
+        elif b"#" in target:
+            error = (400, "bad_request", "a fragment is not part of a request target")
         elif target[:1] == b"/":
             q = target.find(b"?")
             path = (target if q < 0 else target[:q]).decode("latin-1")
@@ -353,7 +396,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if error is not None:
             self.stopped = True  # answer in order, then close; parse nothing more
         if len(self.queue) == 1:
-            self.start(ex)
+            # Started once this read is parsed: a malformed body in the same read is then
+            # refused before anything reaches an upstream.
+            self.deferred = ex
         elif len(self.queue) >= MAX_PIPELINE:
             self.pause_reading(self.PAUSE_PIPELINE)
         if body:
@@ -380,7 +425,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.incoming = None
         if ex is not None:
             ex.request_end()
-        if ex is None or ex is not self.queue[0] or self.queue[0].body_done:
+        if ex is None or not self.queue or ex is not self.queue[0] or ex.body_done:
             self.disarm()
         if not self.parser.should_keep_alive():
             self.stopped = True
@@ -438,6 +483,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.closed:
             return
         headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"date", self.gw.date))
         headers.extend(ex.extra)
         if not ex.body_done or self.gw.draining:
             ex.keep_alive = False
@@ -457,16 +503,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self.stopped = True
         self.in_head = False
         ex = self.incoming
+        self.incoming = None
+        if self.deferred is ex:
+            self.deferred = None  # refused before it was ever started
         if ex is not None and ex.head_sent:
             self.abort()
             return
-        if ex is not None:
-            # The request head was fine but its body framing is not; it must not be answered
-            # by the upstream with half a body: cut the upstream exchange.
-            ex.client_lost()
-        if self.queue and self.queue[0] is not ex:
-            return  # earlier requests are still being answered; close after them
-        if self.transport is not None and not self.closed:
+        answer = not self.queue or self.queue[0] is ex
+        if answer and self.transport is not None and not self.closed:
             body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
             head = serialize(
                 b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
@@ -474,11 +518,20 @@ class DownstreamProtocol(asyncio.Protocol):
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
                     (b"x-graygate-error", code.encode()),
+                    (b"date", self.gw.date),
                     (b"connection", b"close"),
                 ],
             )
             self.send_all((head, body))
-        self.close()
+        if ex is not None:
+            # Its head was fine but its body framing is not: the upstream must not answer
+            # half a request. Ended after our answer went out, so nothing else is written.
+            ex.client_lost(status)
+        if answer:
+            self.close()
+        else:
+            # Earlier requests are still to be answered; finished() closes after them.
+            self.start_deferred()
 
     def send(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.closed:

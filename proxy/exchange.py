@@ -51,6 +51,7 @@ REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    501: b"Not Implemented",
     505: b"HTTP Version Not Supported",
 }
 
@@ -111,6 +112,10 @@ def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> 
     return Runtime(policy, routes)
 
 
+class BadResponse(Exception):
+    """An upstream head that parses but must not be relayed (raised inside the parser)."""
+
+
 class Exchange:
     """A request whose head has been parsed; start() answers it exactly once, then end()
     hands the connection back to the downstream protocol."""
@@ -153,6 +158,7 @@ class Exchange:
         "pending_bytes",
         "reason",
         "resp_connection",
+        "resp_date",
         "resp_headers",
         "resp_length",
         "resp_reason",
@@ -235,6 +241,7 @@ class Exchange:
         self.resp_headers: Headers = []
         self.resp_connection: bytes | None = None
         self.resp_length = -1  # Content-Length of the response; -1: none
+        self.resp_date = False  # the upstream sent a Date (else graygate adds one)
         self.body_left = 0  # Content-Length bytes still to relay
         self.passthrough = False  # body bytes now go to the client without the parser
         self.resp_te = False
@@ -335,7 +342,7 @@ class Exchange:
             self.connection,
             down_.client_ip_bytes,
             down_.trusted,
-            gw.via,
+            gw.via if self.http11 else gw.via10,
             ep.host_header,
             self.upgrade,
             self.chunked,
@@ -448,7 +455,8 @@ class Exchange:
         self.conn = conn
         self.reused = reused
         conn.user = self
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = parser = httptools.HttpResponseParser(self)
+        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self.got_bytes = False
         self.resp_headers = []
         transport = conn.transport
@@ -584,6 +592,8 @@ class Exchange:
         name = name.lower()
         if name == b"content-length":
             self.resp_length = int(value)  # llhttp has validated it
+        elif name == b"date":
+            self.resp_date = True
         elif name == b"transfer-encoding":
             self.resp_te = True
         elif name == b"connection":
@@ -597,6 +607,12 @@ class Exchange:
         assert parser is not None
         status = parser.get_status_code()
         self.status = status
+        if not 100 <= status <= 599:
+            raise BadResponse(f"status {status} is outside 100..599")  # RFC 9110 15
+        if status == 101 and not self.upgrade:
+            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        gw = self.gw
+        via = gw.via if parser.get_http_version() == "1.1" else gw.via10
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients.
             if self.http11:
@@ -604,9 +620,9 @@ class Exchange:
                     response_head(
                         status,
                         self.resp_reason,
-                        self.resp_headers,
+                        [(n, v) for n, v in self.resp_headers if n != b"content-length"],
                         self.resp_connection,
-                        self.gw.via,
+                        via,
                         (),
                         False,
                     )
@@ -626,16 +642,21 @@ class Exchange:
                 self.chunked_out = True
             else:
                 self.keep_alive = False  # HTTP/1.0 client: the close delimits the body
-        if not upgrade and (not self.body_done or self.gw.draining):
+        if not upgrade and (not self.body_done or gw.draining):
             self.keep_alive = False
+        headers = self.resp_headers
+        if status == 204 and self.resp_length >= 0:
+            # RFC 9110 8.6: never a Content-Length on a 204.
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+        extra = self.extra if self.resp_date else (*self.extra, (b"date", gw.date))
         self.out.append(
             response_head(
                 status,
                 self.resp_reason,
-                self.resp_headers,
+                headers,
                 self.resp_connection,
-                self.gw.via,
-                self.extra,
+                via,
+                extra,
                 not self.keep_alive,
                 keep_alive_10=not self.http11,
                 chunked=self.chunked_out,
@@ -733,7 +754,7 @@ class Exchange:
             self.down.respond_local(self, exc.status, exc.kind, exc.detail)
             self.end(exc.status)
 
-    def client_lost(self) -> None:
+    def client_lost(self, status: int = 499) -> None:
         if self.ended:
             return
         if self.connecting is not None:
@@ -745,7 +766,7 @@ class Exchange:
             conn.user = None
             conn.endpoint.release(conn, False)
         self.drop_endpoint()
-        self.end(499)
+        self.end(status)
 
     def end(self, status: int) -> None:
         if self.ended:

@@ -27,7 +27,14 @@ from proxy.config import parse_config
 ROOT = Path(__file__).resolve().parent.parent
 # The data plane serves on uvloop in production: its tests run on uvloop too, as well as
 # on the standard loop (transports differ in pause/resume and half-close details).
-BOTH_LOOPS = {"test_proxy", "test_downstream", "test_failures", "test_hostile", "test_exchange"}
+BOTH_LOOPS = {
+    "test_proxy",
+    "test_downstream",
+    "test_failures",
+    "test_hostile",
+    "test_exchange",
+    "test_conformance",
+}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -150,3 +150,23 @@ async def test_max_forwards_zero_is_answered_here_and_decremented_otherwise(
     assert len(blue.requests) == 1
     forwarded = dict((k.lower(), v) for k, v in blue.requests[0]["headers"])
     assert forwarded[b"max-forwards"] == b"2"
+
+
+async def test_bad_body_in_the_same_read_never_reaches_a_pooled_upstream(
+    upstreams, gateway
+) -> None:
+    """With an idle pooled connection ready, a request whose chunked body is malformed in
+    the same read as its head is refused before anything is written upstream."""
+    blue = await upstreams("blue")
+    gw = await gateway([route_config(blue.url)])
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/warm") as r:
+        assert r.status == 200  # leaves a keep-alive connection in the pool
+    assert len(blue.requests) == 1
+    out = await raw_request(
+        gw.port,
+        b"POST /smuggle HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nhi\r\n0\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 400"), out
+    await asyncio.sleep(0.1)
+    assert [r["path"] for r in blue.requests] == ["/warm"]

@@ -208,6 +208,7 @@ def test_no_stray_test_files() -> None:
         "metrics_e2e",
         "rollout_e2e",
         "layout",
+        "conformance",
     }
     stray = [
         p.name
