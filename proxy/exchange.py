@@ -35,6 +35,7 @@ EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 LAST_CHUNK = b"0\r\n\r\n"
 SPLIT_HEAD_ABOVE = 16384
+RESPONSE_NOTED = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
 ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 SECRET_FIELDS = frozenset(
@@ -590,6 +591,9 @@ class Exchange:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        self.resp_headers.append((name, value))
+        if name not in RESPONSE_NOTED:
+            return
         if name == b"content-length":
             self.resp_length = int(value)  # llhttp has validated it
         elif name == b"date":
@@ -600,7 +604,6 @@ class Exchange:
             self.resp_connection = (
                 value if self.resp_connection is None else self.resp_connection + b"," + value
             )
-        self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
