@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/graygate demo
 
-# nginx and wrk (Debian packages) for the benchmark harness test; installed when missing.
+# nginx, wrk and redis-server (Debian packages) for the tests; installed when missing.
 tools:
 	bash benchmarks/install_tools.sh
 

@@ -6,8 +6,10 @@ need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+# Not a benchmark tool: tests/test_store_redis.py starts a real redis-server.
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "benchmark tools present: nginx, wrk, taskset"
+    echo "tools present: nginx, wrk, taskset, redis-server"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -17,6 +19,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y --no-install-recommends "${need[@]}"
-# The Debian package starts a system nginx on port 80; the harness runs its own.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+# The Debian packages start a system nginx (port 80) and redis (6379); tests run their own.
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now nginx redis-server >/dev/null 2>&1 || true
+fi
 echo "installed: ${need[*]}"

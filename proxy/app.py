@@ -26,6 +26,7 @@ from proxy.rollout import Controller
 from proxy.state import PolicyStore
 from proxy.stats import Stats
 from proxy.store import EventLog, FileStateStore, StateFileError, merge_states
+from proxy.store_redis import RedisStateError, RedisStateStore, RedisSync
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class App:
         self.admin_runner: web.AppRunner | None = None
         self.data_address = ""
         self.admin_address = ""
+        self.redis: RedisSync | None = None  # set when state.backend is redis
 
     async def start(self) -> None:
         config = self.config
@@ -54,11 +56,6 @@ class App:
             check_admin_exposure(config.admin.listen.host, config.admin.token)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
-        if config.state.backend != "file":
-            raise StartupError(
-                "state.backend: only 'file' is available in this release, got "
-                f"{config.state.backend!r} (see README, 'Deviations')"
-            )
         if config.workers != 1:
             raise StartupError(
                 f"workers: only 1 is available in this release, got {config.workers} "
@@ -66,7 +63,14 @@ class App:
             )
         self.state_file = FileStateStore(config.state.path)
         loaded = None
-        if not self.reset_state:
+        backend: RedisStateStore | None = None
+        if config.state.backend == "redis":  # shared by replicas; see proxy/store_redis.py
+            backend = RedisStateStore(config.state.redis_url, config.state.redis_prefix)
+            try:
+                loaded = await backend.open(reset=self.reset_state)
+            except RedisStateError as exc:
+                raise StartupError(str(exc)) from exc
+        elif not self.reset_state:
             try:
                 loaded = self.state_file.load()
             except StateFileError as exc:
@@ -74,6 +78,9 @@ class App:
         states, events = loaded if loaded is not None else ({}, [])
         self.events = EventLog(events)
         self.store = PolicyStore(config, merge_states(config, states))
+        if backend is not None:
+            self.redis = RedisSync(backend, self.store, self.events)
+            self.redis.start()
         self.stats = Stats.from_config(config)
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
@@ -115,7 +122,13 @@ class App:
             f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
             for a in self.admin_runner.addresses
         )
-        self.controller = Controller(self.store, self.stats, self.events, self.persist)
+        self.controller = Controller(
+            self.store,
+            self.stats,
+            self.events,
+            self.persist,
+            should_run=self.redis.holds_lease if self.redis is not None else None,
+        )
         self._spawn(self.controller.run())
         self._spawn(self._sweep())
         self._spawn(self.gateway.watch())
@@ -140,6 +153,9 @@ class App:
             self.gateway.upstreams.sweep_idle(time.monotonic())
 
     def persist(self) -> None:
+        if self.redis is not None:
+            self.redis.persist()  # an async save in the background
+            return
         self.state_file.save(self.store.states(), self.events.since(0))
 
     async def reload(self) -> None:
@@ -156,6 +172,8 @@ class App:
         grace = self.config.grace_period
         logger.info("shutting down: draining connections for up to %.0fs", grace)
         self.draining = True
+        if self.redis is not None:
+            await self.redis.resign()  # another replica runs the controller while we drain
         if self.server is not None:
             self.server.close()
         self.gateway.drain()
@@ -174,6 +192,8 @@ class App:
             await self.admin_runner.cleanup()
         with contextlib.suppress(OSError):
             self.persist()
+        if self.redis is not None:
+            await self.redis.close()  # writes what is left, then closes the connections
         logger.info("graygate stopped")
 
 
@@ -237,3 +257,5 @@ async def _close_partial(app: App) -> None:
     gateway = getattr(app, "gateway", None)
     if gateway is not None:
         await gateway.close()
+    if app.redis is not None:
+        await app.redis.close()

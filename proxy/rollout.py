@@ -294,6 +294,7 @@ class Controller:
         persist: Callable[[], None],
         clock: Callable[[], float] = time.time,
         tick: float = 0.2,
+        should_run: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -301,11 +302,15 @@ class Controller:
         self.persist = persist
         self.clock = clock
         self.tick = tick
+        # Shared state (redis): only the replica holding the lease may step rollouts.
+        self.should_run = should_run
         self._marks: dict[str, tuple[float, float]] = {}  # route -> (step_started, last judged)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
+            if self.should_run is not None and not self.should_run():
+                continue
             try:
                 self.step_all()
             except Exception:

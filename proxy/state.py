@@ -380,6 +380,15 @@ class PolicyStore:
         self._publish()
         return stored
 
+    def adopt(self, route: str, state: RouteState) -> RouteState:
+        """Take a state another replica stored, with its revision: validated like
+        `replace`, but the revision is the writer's, so it is not bumped a second time."""
+        rc = self._route_config(route)
+        stored = validate_state(rc, state)
+        self._states[route] = stored
+        self._publish()
+        return stored
+
     def set_weights(
         self, route: str, weights: Mapping[str, int], expected_revision: int | None = None
     ) -> RouteState:

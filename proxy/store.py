@@ -140,7 +140,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _state_from_json(name: str, d: Any) -> RouteState:
+def state_from_json(name: str, d: Any) -> RouteState:
     if not isinstance(d, dict):
         raise ValueError(f"route {name!r} must be an object")
     weights = d.get("weights")
@@ -212,7 +212,7 @@ class FileStateStore:
         if not isinstance(events, list):
             raise self._error("'events' must be a list")
         try:
-            states = {str(k): _state_from_json(str(k), v) for k, v in routes.items()}
+            states = {str(k): state_from_json(str(k), v) for k, v in routes.items()}
             loaded = [event_from_json(e) for e in events]
         except ValueError as exc:
             raise self._error(str(exc)) from exc

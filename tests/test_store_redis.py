@@ -1,0 +1,263 @@
+"""The `redis` state backend against a real redis-server: replicas (real App instances)
+sharing weights within a second, state surviving a restart, one controller lease holder
+with takeover, refusal of stale writes, and clear errors for an unreachable or bad store."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from conftest import free_port, route_config
+
+from proxy.app import StartupError
+from proxy.state import RouteState
+from proxy.store_redis import RedisStateError, RedisStateStore
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, without persistence, for this module."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        pytest.fail(
+            "redis-server is not installed: these tests need the real server "
+            "(Debian/Ubuntu: apt-get install redis-server)"
+        )
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server did not start on port {port}")
+                time.sleep(0.02)
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"gg-test-{next(_prefixes)}-{time.monotonic_ns()}"
+
+
+def redis_state(url: str, prefix: str) -> dict[str, Any]:
+    return {"backend": "redis", "redis_url": url, "redis_prefix": prefix}
+
+
+async def two_versions(upstreams: Any) -> dict[str, Any]:
+    blue = await upstreams("blue")
+    green = await upstreams("green")
+    return route_config(blue.url, green.url, rollout={"steps": [50, 100], "interval": "1s"})
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def put_weights(session: aiohttp.ClientSession, admin: str, weights: dict[str, int]) -> Any:
+    async with session.put(f"{admin}/api/v1/routes/shop/weights", json=weights) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def wait_for(check: Any, timeout: float, step: float = 0.02) -> float:
+    """Seconds until `check()` (async) is true; fails after `timeout`."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+    return time.monotonic() - start
+
+
+async def test_weights_reach_the_other_replica_within_a_second(
+    redis_url, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    b = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    async with aiohttp.ClientSession() as s:
+        answer = await put_weights(s, a.admin_url, {"blue": 0, "green": 100})
+        revision = answer["state"]["revision"]
+
+        async def b_sees_it() -> bool:
+            body = await get_json(s, f"{b.admin_url}/api/v1/routes/shop")
+            return bool(body["state"]["weights"] == {"blue": 0, "green": 100})
+
+        took = await wait_for(b_sees_it, timeout=1.0)
+        assert took < 1.0
+        body = await get_json(s, f"{b.admin_url}/api/v1/routes/shop")
+        # Adopted with the writer's revision, not bumped again on B.
+        assert body["state"]["revision"] == revision == body["revision"]
+        for _ in range(20):
+            async with s.get(f"{b.url}/x") as resp:
+                assert resp.headers["X-Upstream"] == "green"
+        # B's change flows back to A the same way, and both agree on the revision.
+        again = await put_weights(s, b.admin_url, {"blue": 70, "green": 30})
+        assert again["state"]["revision"] == revision + 1
+
+        async def a_sees_it() -> bool:
+            body = await get_json(s, f"{a.admin_url}/api/v1/routes/shop")
+            return bool(body["state"]["weights"] == {"blue": 70, "green": 30})
+
+        await wait_for(a_sees_it, timeout=1.0)
+        assert a.app.store.state("shop").revision == revision + 1
+
+
+async def test_restart_keeps_weights_and_events(redis_url, prefix, gateway, upstreams):
+    route = await two_versions(upstreams)
+    a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    async with aiohttp.ClientSession() as s:
+        answer = await put_weights(s, a.admin_url, {"blue": 40, "green": 60})
+    await a.app.shutdown()
+    stored = redis.Redis.from_url(redis_url)
+    try:
+        doc = json.loads(stored.hget(f"{prefix}:routes", "shop"))
+        assert doc["weights"] == {"blue": 40, "green": 60}
+        assert len(stored.lrange(f"{prefix}:events", 0, -1)) == 1
+    finally:
+        stored.close()
+    again = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    state = again.app.store.state("shop")
+    assert dict(state.weights) == {"blue": 40, "green": 60}
+    assert state.revision == answer["state"]["revision"]
+    assert [e.action for e in again.app.events.since(0)] == ["weights"]
+
+
+async def test_one_lease_holder_and_takeover_after_shutdown(redis_url, prefix, gateway, upstreams):
+    route = await two_versions(upstreams)
+    a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    b = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    assert a.app.redis is not None and b.app.redis is not None
+    ra, rb = a.app.redis, b.app.redis
+
+    async def someone_leads() -> bool:
+        return ra.holds_lease() or rb.holds_lease()
+
+    await wait_for(someone_leads, timeout=3.0)
+    for _ in range(30):  # 1.5 s: never both, never none once taken
+        assert ra.holds_lease() != rb.holds_lease()
+        await asyncio.sleep(0.05)
+    holder, other = (a, b) if ra.holds_lease() else (b, a)
+    assert holder.app.redis is not None and other.app.redis is not None
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.get(f"{prefix}:lease").decode() == holder.app.redis.backend.writer
+        await holder.app.shutdown()
+        follower = other.app.redis
+
+        async def took_over() -> bool:
+            return follower.holds_lease()
+
+        took = await wait_for(took_over, timeout=3.0)
+        assert took < 2.0
+        assert client.get(f"{prefix}:lease").decode() == follower.backend.writer
+    finally:
+        client.close()
+
+
+async def test_controller_steps_only_while_holding_the_lease(redis_url, prefix, gateway, upstreams):
+    route = await two_versions(upstreams)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Another replica (a foreign id) holds the lease: this one must not step rollouts.
+        client.set(f"{prefix}:lease", "someone-else", px=60_000)
+        a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{a.admin_url}/api/v1/routes/shop/rollout", json={"canary": "green"}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            started = a.app.store.state("shop")
+            assert started.rollout.phase == "progressing"
+            await asyncio.sleep(2.5)  # two controller intervals, no judgement taken
+            assert a.app.store.state("shop") == started
+            assert a.app.redis is not None and not a.app.redis.holds_lease()
+            client.delete(f"{prefix}:lease")
+
+            # Without traffic the leader's first judgement is "too few samples": counted.
+            async def judged() -> bool:
+                return a.app.store.state("shop").rollout.inconclusive >= 1
+
+            await wait_for(judged, timeout=4.0)
+            assert a.app.redis.holds_lease()
+            assert a.app.store.state("shop").revision == started.revision + 1
+    finally:
+        client.close()
+
+
+async def test_unreachable_redis_stops_start_with_the_url(gateway, upstreams, prefix):
+    route = await two_versions(upstreams)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(StartupError, match=r"state\.redis_url redis://127\.0\.0\.1:\d+/0: cannot"):
+        await gateway(routes=[route], state=redis_state(url, prefix))
+
+
+async def test_unreadable_stored_state_stops_start(redis_url, prefix):
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.hset(f"{prefix}:routes", "shop", "{not json")
+    finally:
+        client.close()
+    store = RedisStateStore(redis_url, prefix)
+    with pytest.raises(RedisStateError, match=r"invalid.*--reset-state"):
+        await store.open()
+    reset = RedisStateStore(redis_url, prefix)
+    assert await reset.open(reset=True) is None
+    await reset.close()
+
+
+async def test_stale_write_is_refused_and_equal_revision_wins(redis_url, prefix):
+    a = RedisStateStore(redis_url, prefix, writer="a")
+    b = RedisStateStore(redis_url, prefix, writer="b")
+    assert await a.open() is None
+    assert await b.open() is None
+    try:
+        newer = RouteState((("blue", 10), ("green", 90)), "blue", revision=5)
+        older = RouteState((("blue", 90), ("green", 10)), "blue", revision=4)
+        assert await a.save({"shop": newer}, []) == []
+        assert await b.save({"shop": older}, []) == ["shop"]
+        assert (await a.load_routes(["shop"]))["shop"] == newer
+        same = RouteState((("blue", 20), ("green", 80)), "blue", revision=5)
+        assert await b.save({"shop": same}, []) == []
+        assert (await a.load_routes(["shop"]))["shop"] == same
+        # a's notices name the writer and the written routes.
+        assert a.pubsub is not None
+        seen = []
+        for _ in range(20):
+            m = await a.pubsub.get_message(timeout=0.1)
+            if m is not None and m["type"] == "message":
+                seen.append(json.loads(m["data"]))
+        assert seen == [{"writer": "a", "routes": ["shop"]}, {"writer": "b", "routes": ["shop"]}]
+    finally:
+        await a.close()
+        await b.close()
