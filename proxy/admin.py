@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -365,6 +366,10 @@ async def _dashboard(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_HTML, content_type="text/html")
 
 
+# One self-contained page (no external assets), shipped as package data.
+DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
+
+
 async def _list_routes(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     policy = ctx.store.policy
@@ -575,69 +580,3 @@ def make_admin_app(ctx: AdminContext) -> web.Application:
     r.add_get(API + "/stats", _stats)
     r.add_post(API + "/reload", _reload)
     return app
-
-
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>graygate</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
-h1{font-size:20px}h2{font-size:16px;margin:0 0 .5em}
-.route{background:#fff;border:1px solid #ddd;border-radius:6px;padding:1em;margin:1em 0}
-table{border-collapse:collapse}td,th{padding:.25em .8em;text-align:right}
-th:first-child,td:first-child{text-align:left}th{border-bottom:1px solid #ccc}
-.bar{height:10px;background:#eee;border-radius:5px;width:240px;display:inline-block}
-.bar span{display:block;height:10px;border-radius:5px;background:#3a7}
-.bad{color:#b22}.muted{color:#888}#err{color:#b22}
-</style></head><body>
-<h1>graygate</h1>
-<p class="muted">Refreshes every 2 s. Token (only when the admin API needs one):
-<input id="tok" type="password" size="24"></p>
-<p id="err"></p><div id="routes"></div>
-<script>
-"use strict";
-const tok = document.getElementById("tok");
-tok.value = sessionStorage.getItem("gg_token") || "";
-tok.onchange = () => sessionStorage.setItem("gg_token", tok.value);
-function esc(s){return String(s).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}
-async function get(path){
-  const h = tok.value ? {"Authorization": "Bearer " + tok.value} : {};
-  const r = await fetch(path, {headers: h});
-  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
-  return r.json();
-}
-function pct(x){return x === null || x === undefined ? "-" : (100 * x).toFixed(2) + " %";}
-async function tick(){
-  try {
-    const [routes, stats] = await Promise.all([get("/api/v1/routes"), get("/api/v1/stats")]);
-    let html = "";
-    for (const r of routes.routes) {
-      const s = stats.routes[r.name] || {};
-      html += '<div class="route"><h2>' + esc(r.name) + ' <span class="muted">' +
-        esc(r.match.host) + esc(r.match.path_prefix) + ' rev ' + r.revision + '</span></h2>';
-      html += '<p>stable <b>' + esc(r.stable) + '</b>, rollout <b>' + esc(r.rollout.state) +
-        '</b>' + (r.rollout.canary ? ' canary <b>' + esc(r.rollout.canary) + '</b> step ' +
-        r.rollout.step : '') + '</p>';
-      html += '<table><tr><th>version</th><th>weight</th><th></th><th>requests</th>' +
-        '<th>errors</th><th>error rate</th><th>p99</th><th>in flight</th></tr>';
-      for (const [v, w] of Object.entries(r.weights)) {
-        const st = s[v] || {};
-        const rate = st.error_rate;
-        html += '<tr><td>' + esc(v) + '</td><td>' + w + ' %</td><td><div class="bar"><span ' +
-          'style="width:' + w + '%"></span></div></td><td>' + (st.requests ?? '-') +
-          '</td><td>' + (st.errors ?? '-') + '</td><td class="' + (rate > 0.01 ? 'bad' : '') +
-          '">' + pct(rate) + '</td><td>' + (st.p99_seconds != null ?
-          (1000 * st.p99_seconds).toFixed(1) + ' ms' : '-') + '</td><td>' +
-          (st.inflight ?? '-') + '</td></tr>';
-      }
-      html += '</table></div>';
-    }
-    document.getElementById("routes").innerHTML = html || '<p class="muted">no routes</p>';
-    document.getElementById("err").textContent = "";
-  } catch (e) {
-    document.getElementById("err").textContent = String(e);
-  }
-}
-tick(); setInterval(tick, 2000);
-</script></body></html>
-"""
