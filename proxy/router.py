@@ -30,6 +30,20 @@ class Choice:
     new_cookie: str | None = None  # freshly minted cohort id; the exchange sets the cookie
 
 
+_CHOICES: dict[tuple[str, Reason], Choice] = {}
+
+
+def _choice(version: str, reason: Reason) -> Choice:
+    # Choices without a new cookie are immutable and few: build each once, not per request.
+    key = (version, reason)
+    found = _CHOICES.get(key)
+    if found is None:
+        found = Choice(version, reason)
+        if len(_CHOICES) < 1024:
+            _CHOICES[key] = found
+    return found
+
+
 def new_cohort_id() -> str:
     """A fresh random cohort id (22 URL-safe characters, 128 bits)."""
     return secrets.token_urlsafe(16)
@@ -60,18 +74,20 @@ def match_route(policy: RoutingPolicy, host: str, path: str) -> RoutePolicy | No
     routes = policy.routes
     if not routes:
         return None
-    name = _host_name(host)
+    name: str | None = None  # the Host is normalised only if a route looks at it
     end = path.find("?")
     if end < 0:
         end = len(path)
     for route in routes:
         exact = route.host_exact
-        if exact is not None:
-            if name != exact:
-                continue
-        else:
-            suffix = route.host_suffix
-            if suffix is not None and not (len(name) > len(suffix) and name.endswith(suffix)):
+        suffix = route.host_suffix
+        if exact is not None or suffix is not None:
+            if name is None:
+                name = _host_name(host)
+            if exact is not None:
+                if name != exact:
+                    continue
+            elif suffix is not None and not (len(name) > len(suffix) and name.endswith(suffix)):
                 continue
         if path.startswith(route.path_prefix, 0, end):
             return route
@@ -118,9 +134,9 @@ def choose(
             continue
         if rule.pattern is None:
             if value == rule.value:
-                return Choice(rule.version, rule.reason)
+                return _choice(rule.version, rule.reason)
         elif rule.pattern.fullmatch(value) is not None:
-            return Choice(rule.version, rule.reason)
+            return _choice(rule.version, rule.reason)
 
     sticky = route.config.sticky
     if sticky is not None:
@@ -137,19 +153,23 @@ def choose(
         canary = route.canary
         threshold = route.threshold
         # Weight 0 and 100 are exact and skip the hash; between them the bucket decides.
-        if canary is None or threshold <= 0:
-            return Choice(route.stable, "cohort", new_cookie)
-        if threshold >= BUCKETS or bucket(route.salt, key) < threshold:
-            return Choice(canary, "cohort", new_cookie)
-        return Choice(route.stable, "cohort", new_cookie)
+        if canary is not None and threshold > 0 and (
+            threshold >= BUCKETS or bucket(route.salt, key) < threshold
+        ):
+            version = canary
+        else:
+            version = route.stable
+        if new_cookie is None:
+            return _choice(version, "cohort")
+        return Choice(version, "cohort", new_cookie)
 
     point = roll * 100.0
     cumulative = route.cumulative
     for version, upper in cumulative:
         if point < upper:
-            return Choice(version, "weight")
+            return _choice(version, "weight")
     # Only reachable through float rounding at roll ~ 1.0: the last positive-weight version.
-    return Choice(cumulative[-1][0], "weight")
+    return _choice(cumulative[-1][0], "weight")
 
 
 def parse_cookies(header_value: str) -> dict[str, str]:
