@@ -164,6 +164,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.deadline = 0.0  # loop time when the client phase times out; 0: none
         self.tunnel: Exchange | None = None
         self.deferred: Exchange | None = None  # parsed in this read, started after it
+        self.valid_host_raw = b""  # the last Host value that passed HOST_RE, and decoded
+        self.valid_host = ""
         self.stopped = False  # no more requests are parsed on this connection
         self.in_head = False
         self.began = False
@@ -177,6 +179,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.headers: Headers = []
         self.connection: bytes | None = None
         self.host: bytes | None = None
+        self.host_invalid = False
         self.host_count = 0
         self.cookie = b""
         self.te = False
@@ -332,7 +335,17 @@ class DownstreamProtocol(asyncio.Protocol):
         error: tuple[int, str, str] | None = None
         target = self.url
         path = ""
-        host = self.host.decode("latin-1") if self.host is not None else ""
+        raw_host = self.host
+        if raw_host is None:
+            host = ""
+        elif raw_host is self.valid_host_raw or raw_host == self.valid_host_raw:
+            host = self.valid_host  # keep-alive clients repeat their Host: checked once
+        elif HOST_RE.fullmatch(raw_host) is not None:
+            host = self.valid_host = raw_host.decode("latin-1")
+            self.valid_host_raw = raw_host
+        else:
+            host = ""
+            self.host_invalid = True
         if version not in ("1.1", "1.0"):
             error = (505, "version", f"HTTP/{version} is not supported")
         elif self.host_count > 1:
@@ -341,7 +354,7 @@ class DownstreamProtocol(asyncio.Protocol):
             error = (400, "bad_request", "missing Host header")
         elif self.te and version == "1.0":
             error = (400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-        elif self.host is not None and HOST_RE.fullmatch(self.host) is None:
+        elif self.host_invalid:
             error = (400, "bad_request", "invalid Host header")  # RFC 9112 3.2
         elif method == b"CONNECT":
             error = (405, "method_not_allowed", "graygate is not a forward proxy")
