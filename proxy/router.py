@@ -153,8 +153,10 @@ def choose(
         canary = route.canary
         threshold = route.threshold
         # Weight 0 and 100 are exact and skip the hash; between them the bucket decides.
-        if canary is not None and threshold > 0 and (
-            threshold >= BUCKETS or bucket(route.salt, key) < threshold
+        if (
+            canary is not None
+            and threshold > 0
+            and (threshold >= BUCKETS or bucket(route.salt, key) < threshold)
         ):
             version = canary
         else:
