@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import socket
 import time
@@ -212,6 +213,7 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
     except ConfigError as exc:
         logger.error("config %s: %s", config_path, exc)
         return 2
+    raise_fd_limit()
     app = App(config_path, config, reset_state)
     try:
         await app.start()
@@ -236,6 +238,18 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
         loop.remove_signal_handler(sig)
     await app.shutdown()
     return 0
+
+
+def raise_fd_limit() -> None:
+    """Each proxied request can hold two sockets: lift the soft descriptor limit to the hard
+    one (as nginx's worker_rlimit_nofile does), so load is not capped at ~500 clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 async def _reload_logged(app: App) -> None:

@@ -551,3 +551,23 @@ async def test_demo_weights_and_status(tmp_path: Path, graygate_process) -> None
 
     p.proc.send_signal(signal.SIGINT)
     assert await wait_exit(p) == 0, p.output()
+
+
+async def test_serve_lifts_the_open_file_soft_limit(tmp_path: Path, graygate_process) -> None:
+    """A soft limit of 256 descriptors would cap a proxy at ~120 clients: serve raises it
+    to the hard limit at start."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cfg = Cfg(tmp_path, [route_config(unused_endpoint())])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the child
+    try:
+        p = graygate_process("serve", "-c", cfg.path.name)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await wait_up(p, cfg.port, cfg.admin_port)
+    limits = Path(f"/proc/{p.proc.pid}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    assert int(line.split()[3]) > 256, line
+    p.proc.terminate()
+    assert await wait_exit(p) == 0
