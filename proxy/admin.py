@@ -6,6 +6,7 @@ event. Never touches the data plane directly.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -91,11 +92,9 @@ def check_admin_exposure(listen_host: str, token: str | None) -> None:
     host = listen_host.strip("[]")
     if host == "localhost":
         return
-    try:
+    with contextlib.suppress(ValueError):  # a name, not an address: not loopback
         if ipaddress.ip_address(host).is_loopback:
             return
-    except ValueError:
-        pass
     raise ValueError(
         f"admin.listen: the admin API would listen on {listen_host!r}, beyond loopback, "
         "without a token; set admin.token (e.g. token: ${GRAYGATE_ADMIN_TOKEN}) or listen "
@@ -459,11 +458,9 @@ def _parse_steps(raw: Any) -> tuple[Step, ...]:
                 steps.append(PauseStep(float(p)))
                 continue
             if isinstance(p, str):
-                try:
+                with contextlib.suppress(ConfigError, ValueError):  # refused just below
                     steps.append(PauseStep(parse_duration(p)))
                     continue
-                except (ConfigError, ValueError):
-                    pass
         raise ApiError(
             422,
             "invalid",

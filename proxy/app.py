@@ -215,16 +215,17 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
         return 2
     raise_fd_limit()
     app = App(config_path, config, reset_state)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Handlers first: a SIGTERM that lands while listeners open still means a clean stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         await _close_partial(app)
         return 2
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:

@@ -39,11 +39,11 @@ WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
 
 
 class HeadTooLarge(Exception):
-    pass
+    """Raised inside a parser callback; the verdict waits in `limit_error`."""
 
 
 class BodyTooLarge(Exception):
-    pass
+    """Raised inside a parser callback; the verdict waits in `limit_error`."""
 
 
 class Gateway:

@@ -6,6 +6,7 @@ that swaps the snapshot whole. Pure core: standard library only, no I/O here
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -430,10 +431,8 @@ class PolicyStore:
         if old is None:
             return initial_state(rc)
         if _compatible(rc, old):
-            try:
+            with contextlib.suppress(PolicyError):  # no longer fits: start from the config
                 return validate_state(rc, old)
-            except PolicyError:
-                pass
         return replace(initial_state(rc), revision=old.revision + 1)
 
     def _publish(self) -> None:
