@@ -51,10 +51,10 @@ class FakeTransport:
         self.closing = True
 
     def pause_reading(self) -> None:
-        pass
+        """Nothing arrives on a fake transport, so there is nothing to pause."""
 
     def resume_reading(self) -> None:
-        pass
+        """See pause_reading."""
 
 
 def config(sticky: bool) -> Any:

@@ -26,7 +26,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class ToolMissing(RuntimeError):
-    pass
+    """nginx, wrk or taskset is not installed; the message says how to install it."""
 
 
 def require_tool(name: str) -> str:

@@ -6,6 +6,7 @@ request, peak RSS; graygate/nginx ratios are the median of per-run (pair by pair
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -29,13 +30,11 @@ RSS_TARGET_KIB = 64 * 1024
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"
-    try:
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: the report says "unknown"
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

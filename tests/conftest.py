@@ -206,6 +206,31 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0, read_all: bo
             await writer.wait_closed()
 
 
+async def read_framed_body(
+    reader: asyncio.StreamReader,
+    method: str,
+    status: int,
+    transfer_encoding: str | bytes | None,
+    content_length: str | bytes | None,
+) -> bytes:
+    """The body of one response, read with exact HTTP/1.1 framing (RFC 9112 6.3), so the
+    next response on the connection starts where it should."""
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return b""
+    te = transfer_encoding.encode() if isinstance(transfer_encoding, str) else transfer_encoding
+    if te is not None and b"chunked" in te.lower():
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16):
+            parts.append(await reader.readexactly(size))
+            assert await reader.readexactly(2) == b"\r\n"
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            continue  # trailer fields, up to the empty line
+        return b"".join(parts)
+    if content_length is not None:
+        return await reader.readexactly(int(content_length))
+    return await reader.read()  # delimited by the close
+
+
 @dataclass
 class Process:
     proc: subprocess.Popen[bytes]

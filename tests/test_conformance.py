@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import route_config
+from conftest import read_framed_body, route_config
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -58,25 +58,13 @@ class Client:
                 name, _, value = line.partition(b":")
                 headers.append((name.lower(), value.strip(b" \t")))
             resp = Resp(int(parts[1]), lines[0], headers, b"")
-            if method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
-                return resp
-            te = resp.get("transfer-encoding")
-            cl = resp.get("content-length")
-            if te is not None and b"chunked" in te.lower():
-                body = []
-                while True:
-                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if size == 0:
-                        while await self.reader.readuntil(b"\r\n") != b"\r\n":
-                            pass
-                        break
-                    body.append(await self.reader.readexactly(size))
-                    assert await self.reader.readexactly(2) == b"\r\n"
-                resp.body = b"".join(body)
-            elif cl is not None:
-                resp.body = await self.reader.readexactly(int(cl))
-            else:
-                resp.body = await self.reader.read()
+            resp.body = await read_framed_body(
+                self.reader,
+                method,
+                resp.status,
+                resp.get("transfer-encoding"),
+                resp.get("content-length"),
+            )
         return resp
 
     async def request(self, data: bytes, method: str = "GET") -> Resp:

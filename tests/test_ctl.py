@@ -44,7 +44,7 @@ class Admin:
         self.stats = Stats.from_config(config, random.Random(0))
 
         async def reload():
-            pass
+            return None  # these tests never reload
 
         self.ctx = AdminContext(
             store=self.store,

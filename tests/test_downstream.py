@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import route_config
+from conftest import read_framed_body, route_config
 
 from proxy.downstream import MAX_PIPELINE, DownstreamProtocol, Gateway
 
@@ -67,24 +67,13 @@ class Conn:
                 name, _, value = line.partition(":")
                 headers.append((name.strip().lower(), value.strip()))
             resp = Resp(status, headers, b"")
-            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-                return resp
-            te = resp.get("transfer-encoding")
-            if te is not None and te.lower() == "chunked":
-                parts = []
-                while True:
-                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if size == 0:
-                        while await self.reader.readuntil(b"\r\n") != b"\r\n":
-                            pass
-                        break
-                    parts.append(await self.reader.readexactly(size))
-                    await self.reader.readexactly(2)
-                resp.body = b"".join(parts)
-            elif resp.get("content-length") is not None:
-                resp.body = await self.reader.readexactly(int(resp.get("content-length") or 0))
-            else:
-                resp.body = await self.reader.read()
+            resp.body = await read_framed_body(
+                self.reader,
+                method,
+                status,
+                resp.get("transfer-encoding"),
+                resp.get("content-length"),
+            )
             return resp
 
     async def closed_within(self, timeout: float) -> bool:

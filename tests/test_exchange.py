@@ -52,7 +52,7 @@ async def test_bytes_beyond_content_length_are_not_forwarded(gateway, together: 
                 writer.write(b"56789JUNKJUNK")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # graygate closed its side first: that is what the test provokes
         finally:
             writer.close()
 
@@ -105,7 +105,7 @@ async def test_large_answer_in_one_write_is_relayed_exactly(gateway, framing: st
             await writer.drain()
             await asyncio.sleep(0.2)
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # graygate closed its side first: that is what the test provokes
         finally:
             writer.close()
 

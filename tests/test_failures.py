@@ -66,7 +66,7 @@ class RawUpstream:
         try:
             await self.behaviour(self, reader, writer, index)
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the proxy dropped the connection mid-behaviour: that ends the behaviour
         finally:
             self.tasks.discard(task)
             writer.close()
@@ -318,7 +318,7 @@ async def test_bad_chunked_framing_never_looks_complete(raw_upstreams, gateway):
                 else:
                     assert r.headers["X-Graygate-Error"] == "protocol"
         except aiohttp.ServerDisconnectedError:
-            pass
+            pass  # a cut connection is an acceptable refusal too; the timing below still holds
     assert time.monotonic() - t0 < 1.0
     status, _, body, _ = await get(gw.url + "/next")
     assert (status, body) == (200, b"ok")

@@ -243,7 +243,7 @@ async def test_client_header_timeout_is_for_the_whole_head(target):
         async with asyncio.timeout(3):
             answer = await reader.read()
     except ConnectionError:
-        pass
+        pass  # a reset instead of a 408 is an accepted answer (checked below)
     finally:
         writer.close()
     assert time.monotonic() - t0 <= 1.5 or reader.at_eof()

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port, raw_request, route_config
+from conftest import free_port, raw_request, read_framed_body, route_config
 
 # Small timeouts so a hang fails fast; `read` leaves room for the 1.5 s streaming pause.
 FAST = {"connect": "500ms", "read": "3s", "request": "5s"}
@@ -78,27 +78,14 @@ class RawClient:
     async def read_response(self, method: str = "GET", timeout: float = 5.0) -> Resp:
         status, version, headers, head = await self.read_head(timeout)
         resp = Resp(status, version, headers, b"", head)
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return resp
-        te = resp.get("transfer-encoding")
-        cl = resp.get("content-length")
         async with asyncio.timeout(timeout):
-            if te is not None and "chunked" in te.lower():
-                parts = []
-                while True:
-                    size_line = await self.reader.readuntil(b"\r\n")
-                    size = int(size_line.split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass  # trailer fields
-                        break
-                    parts.append(await self.reader.readexactly(size))
-                    assert await self.reader.readexactly(2) == b"\r\n"
-                resp.body = b"".join(parts)
-            elif cl is not None:
-                resp.body = await self.reader.readexactly(int(cl))
-            else:
-                resp.body = await self.reader.read()  # delimited by the close
+            resp.body = await read_framed_body(
+                self.reader,
+                method,
+                status,
+                resp.get("transfer-encoding"),
+                resp.get("content-length"),
+            )
         return resp
 
     async def request(self, data: bytes, method: str = "GET") -> Resp:
@@ -197,7 +184,7 @@ async def raw_upstreams() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawU
             try:
                 await handler(up, reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
-                pass
+                pass  # the proxy closed the connection: this raw upstream is done
             finally:
                 up.open_now -= 1
                 writer.close()

@@ -87,7 +87,7 @@ async def hold_server() -> AsyncIterator[HoldServer]:
         srv.accepted.append(writer)
         with contextlib.suppress(ConnectionError):
             while await reader.read(65536):
-                pass
+                continue  # drain until the pool closes its side
         srv.eofs += 1
         writer.close()
 
