@@ -12,11 +12,11 @@ import sys
 import time
 from typing import Any
 
-from proxy.config import parse_config
-from proxy.downstream import DownstreamProtocol, Gateway
-from proxy.state import PolicyStore
-from proxy.stats import Stats
-from proxy.upstream import UpstreamConnection
+from proxy.core.config import parse_config
+from proxy.core.state import PolicyStore
+from proxy.core.stats import Stats
+from proxy.dataplane.downstream import DownstreamProtocol, Gateway
+from proxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = (
     b"GET /api/items?id=42 HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: wrk\r\n"

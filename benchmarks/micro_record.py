@@ -12,7 +12,7 @@ import timeit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from proxy.stats import BUCKETS, VersionStats
+from proxy.core.stats import BUCKETS, VersionStats
 
 
 def best_ns(stmt: str, env: dict[str, object], n: int, repeat: int) -> float:

@@ -19,15 +19,16 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin import AdminContext, check_admin_exposure, make_admin_app
-from proxy.config import Config, ConfigError, load_config
-from proxy.downstream import Gateway
-from proxy.metrics import make_registry
-from proxy.rollout import Controller
-from proxy.state import PolicyStore
-from proxy.stats import Stats
-from proxy.store import EventLog, FileStateStore, StateFileError, merge_states
-from proxy.store_redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.controller import Controller
+from proxy.control.metrics import make_registry
+from proxy.control.store.events import EventLog
+from proxy.control.store.file import FileStateStore, StateFileError, merge_states
+from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.core.config import Config, ConfigError, load_config
+from proxy.core.state import PolicyStore
+from proxy.core.stats import Stats
+from proxy.dataplane.downstream import Gateway
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import uvloop
 
-from proxy import __version__, ctl
-from proxy.config import ConfigError, describe, load_config
+from proxy import __version__
+from proxy.control import ctl
+from proxy.core.config import ConfigError, describe, load_config
 
 logger = logging.getLogger("proxy")
 
@@ -45,7 +46,7 @@ def _check(ns: argparse.Namespace) -> int:
 
 
 def _sample(ns: argparse.Namespace) -> int:
-    from proxy.sample import serve_sample
+    from proxy.control.sample import serve_sample
 
     async def main() -> int:
         await serve_sample(ns.name, ns.host, ns.port)
@@ -59,7 +60,7 @@ def _sample(ns: argparse.Namespace) -> int:
 
 def _demo(ns: argparse.Namespace) -> int:
     from proxy.app import serve
-    from proxy.sample import run_sample
+    from proxy.control.sample import run_sample
 
     path = ns.config
     if not os.path.exists(path):

@@ -22,7 +22,7 @@ import yaml
 from aiohttp import web
 
 from proxy.app import App
-from proxy.config import parse_config
+from proxy.core.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # The data plane serves on uvloop in production: its tests run on uvloop too, as well as

@@ -5,12 +5,13 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.admin import AdminContext, check_admin_exposure, make_admin_app
-from proxy.config import load_config
-from proxy.metrics import make_registry
-from proxy.state import PolicyStore
-from proxy.stats import Stats
-from proxy.store import EventLog, FileStateStore
+from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.metrics import make_registry
+from proxy.control.store.events import EventLog
+from proxy.control.store.file import FileStateStore
+from proxy.core.config import load_config
+from proxy.core.state import PolicyStore
+from proxy.core.stats import Stats
 
 TOKEN = "s3cret-token"
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.analysis import (
+from proxy.core.analysis import (
     Judgement,
     Sample,
     binomial_sf,
@@ -21,7 +21,7 @@ from proxy.analysis import (
     verdict,
     wilson_lower,
 )
-from proxy.config import AnalysisConfig
+from proxy.core.config import AnalysisConfig
 
 ERRORS_ONLY = AnalysisConfig(
     min_samples=200,
@@ -346,7 +346,7 @@ def test_binomial_sf_matches_exact_sums() -> None:
 
 def test_farrington_manning_restricted_estimate_maximises_the_likelihood() -> None:
     # The z must use the variance at the MLE under p1 - p2 = delta; check that MLE numerically.
-    from proxy.analysis import _fm_restricted
+    from proxy.core.analysis import _fm_restricted
 
     def loglik(r1: float, x1: int, n1: int, x2: int, n2: int, d: float) -> float:
         r2 = r1 - d

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import (
+from proxy.core.config import (
     Address,
     CohortSource,
     ConfigError,
@@ -29,7 +29,7 @@ from proxy.config import (
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "graygate.example.yaml"
 DEMO = ROOT / "config" / "demo.yaml"
-SCHEMA = ROOT / "proxy" / "config.schema.json"
+SCHEMA = ROOT / "proxy" / "core" / "config.schema.json"
 
 
 def base() -> dict[str, Any]:

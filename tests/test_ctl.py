@@ -6,12 +6,12 @@ import socket
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy import ctl
-from proxy.admin import AdminContext, make_admin_app
-from proxy.config import parse_config
-from proxy.state import PolicyStore
-from proxy.stats import Stats
-from proxy.store import EventLog
+from proxy.control import ctl
+from proxy.control.admin import AdminContext, make_admin_app
+from proxy.control.store.events import EventLog
+from proxy.core.config import parse_config
+from proxy.core.state import PolicyStore
+from proxy.core.stats import Stats
 
 TOKEN = "ctl-token"
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.headers import HOP_BY_HOP, is_trusted, request_head, response_head
+from proxy.core.headers import HOP_BY_HOP, is_trusted, request_head, response_head
 
 # RFC 9110 7.6.1 / RFC 9112 and DESIGN.md section 3: never forwarded in either direction.
 DESIGN_HOP_BY_HOP = (

@@ -1,89 +1,88 @@
 """Keeps the layout of STYLE.md and docs/architecture.md honest by reading the source (AST),
-like mitmproxy's test/filename_matching.py: pure modules stay pure, the data plane stays free
-of aiohttp, prometheus_client and per-request logging, docstrings stay short, benchmarks/ is
-never imported by proxy/, and every module has its test file."""
+like mitmproxy's test/filename_matching.py. The rules are per folder, so no hand-kept list of
+modules can drift: core/ is pure, dataplane/ never touches the control plane, only app and
+cli reach control/, docstrings stay short, benchmarks/ is never imported by proxy/.
+A fake tree with one violation of each rule proves the checker catches them."""
 
 from __future__ import annotations
 
 import ast
 import sys
-from functools import cache
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "proxy"
-TESTS = ROOT / "tests"
 
-MODULES = sorted(p.stem for p in PROXY.glob("*.py"))
-PURE = ("config", "state", "router", "headers", "stats", "analysis")
-DATA_PLANE = ("downstream", "upstream", "exchange")
-# Third-party packages a pure module may import, per module (docs/architecture.md).
-PURE_THIRD_PARTY = {"config": {"yaml"}}
-# Never in the data plane's hot path (DESIGN.md "Two planes", STYLE.md).
-DATA_PLANE_FORBIDDEN = {
-    "aiohttp",
-    "prometheus_client",
-    "proxy.metrics",  # metrics are rendered at scrape time from stats, not bumped per request
-    "proxy.admin",
-    "proxy.app",
-    "proxy.ctl",
-    "proxy.cli",
-    "proxy.sample",
+# Third-party packages each folder may import (the standard library is always allowed).
+THIRD_PARTY = {
+    "core": frozenset(),
+    "dataplane": frozenset({"httptools", "uvloop"}),
 }
-# Log levels that would put a line per request on the module logger (STYLE.md habit 10:
-# INFO only for state changes, per-request lines on a separate, off-by-default access logger).
-PER_REQUEST_LOG_CALLS = {"info", "debug"}
-
-# Modules whose tests live elsewhere than tests/test_<name>.py, and where. Keep it short:
-# a module listed here is a module without a unit test file.
-TESTED_ELSEWHERE = {
-    # The sample upstreams behind `graygate demo`: exercised by test_e2e's demo test.
-    "sample": ("test_e2e.py",),
-    # Wiring and lifetimes: every in-process test runs the real App (conftest `gateway`),
-    # and test_e2e drives start, reload and shutdown through the real command.
-    "app": ("test_e2e.py", "conftest.py"),
-    # argv parsing and dispatch: test_e2e and test_ctl run the real `python -m proxy`.
-    "cli": ("test_e2e.py", "test_ctl.py"),
-}
-NO_TEST_NEEDED = ("__init__", "__main__")
+# core/config may read YAML: parsing the file is the edge where config enters.
+CORE_CONFIG_THIRD_PARTY = frozenset({"yaml"})
+# The standard library's I/O and event loop stay out of core/ (decisions are pure).
+CORE_FORBIDDEN_STDLIB = frozenset({"asyncio", "socket", "selectors", "subprocess", "threading"})
+# Only these may import proxy.control (the wiring and the command line).
+CONTROL_IMPORTERS = frozenset({"proxy.app", "proxy.cli"})
+# Log levels that would put a line per request on the module logger (STYLE.md habit 10).
+PER_REQUEST_LOG_CALLS = frozenset({"info", "debug"})
+MAX_DOCSTRING_LINES = 5
 
 
-@cache
-def tree(module: str) -> ast.Module:
-    path = PROXY / f"{module}.py"
-    return ast.parse(path.read_text(), filename=str(path))
+@dataclass(frozen=True)
+class Module:
+    name: str  # dotted: proxy.core.router
+    path: Path
+    tree: ast.Module
+
+    @property
+    def plane(self) -> str:
+        """core, dataplane, control, or top (proxy/*.py)."""
+        parts = self.name.split(".")
+        return parts[1] if len(parts) > 2 else "top"
 
 
-def imports(module: str) -> set[str]:
+def load_modules(package: Path) -> list[Module]:
+    modules = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        modules.append(Module(".".join(parts), path, tree))
+    return modules
+
+
+def resolve(module: Module, node: ast.ImportFrom) -> str:
+    if not node.level:
+        assert node.module is not None
+        return node.module
+    base = module.name.split(".")
+    if module.path.name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(module: Module, known: set[str]) -> set[str]:
     """Every module name imported anywhere in the file (also inside functions and
-    TYPE_CHECKING blocks: a pure module must not even name an impure one)."""
+    TYPE_CHECKING blocks: a pure module must not even name an impure one). `from a import b`
+    names a.b when a.b is a module."""
     found: set[str] = set()
-    for node in ast.walk(tree(module)):
+    for node in ast.walk(module.tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from . import x / from .x import y
-                base = "proxy" + (f".{node.module}" if node.module else "")
-                if node.module is None:
-                    found.update(f"proxy.{a.name}" for a in node.names)
-                else:
-                    found.add(base)
-                continue
-            assert node.module is not None
-            if node.module == "proxy":
-                # `from proxy import rollout` names a module; `from proxy import __version__`
-                # only the package itself.
-                found.update(
-                    f"proxy.{a.name}" if (PROXY / f"{a.name}.py").exists() else "proxy"
-                    for a in node.names
-                )
-            else:
-                found.add(node.module)
+            base = resolve(module, node)
+            subs = {f"{base}.{a.name}" for a in node.names} & known
+            found.update(subs or {base})
         elif (
             isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute | ast.Name)
             and (getattr(node.func, "attr", None) or getattr(node.func, "id", None))
             in ("import_module", "__import__")
             and node.args
@@ -99,120 +98,157 @@ def top(name: str) -> str:
     return name.split(".")[0]
 
 
-def test_module_list_matches_the_architecture() -> None:
-    # Guards the parametrisation below: a renamed module must not silently escape the rules.
-    for name in PURE + DATA_PLANE:
-        assert name in MODULES, f"proxy/{name}.py is gone; update test_layout.py"
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_import_only_stdlib_and_pure_modules(module: str) -> None:
-    allowed_third = PURE_THIRD_PARTY.get(module, set())
+def import_violations(module: Module, names: set[str], package: str) -> list[str]:
     bad = []
-    for name in sorted(imports(module)):
-        if top(name) == "proxy":
-            if name != "proxy" and name.split(".")[1] not in PURE:
-                bad.append(f"{name} (an impure proxy module)")
-        elif top(name) in allowed_third:
+    for name in sorted(names):
+        ours = top(name) == package
+        plane = name.split(".")[1] if ours and name.count(".") >= 1 else ""
+        importer = module.name.replace(package, "proxy", 1)
+        if (
+            ours
+            and plane == "control"
+            and module.plane != "control"
+            and importer not in CONTROL_IMPORTERS
+        ):
+            bad.append(f"{module.name} imports {name}: only app and cli reach control/")
             continue
-        elif top(name) not in sys.stdlib_module_names:
-            bad.append(f"{name} (third party)")
-        elif top(name) in ("asyncio", "uvloop"):
-            bad.append(f"{name} (event loop)")
-    assert not bad, f"proxy/{module}.py is [pure] but imports: {', '.join(bad)}"
+        if module.plane == "core":
+            allowed = THIRD_PARTY["core"]
+            if module.name.startswith(f"{package}.core.config"):
+                allowed = allowed | CORE_CONFIG_THIRD_PARTY
+            if ours and plane != "core":
+                bad.append(f"{module.name} is pure but imports {name}")
+            elif not ours and top(name) in CORE_FORBIDDEN_STDLIB:
+                bad.append(f"{module.name} is pure but imports {name} (I/O or event loop)")
+            elif not ours and top(name) not in sys.stdlib_module_names | allowed:
+                bad.append(f"{module.name} is pure but imports {name} (third party)")
+        elif module.plane == "dataplane":
+            if ours and plane not in ("core", "dataplane"):
+                bad.append(f"{module.name} is data plane but imports {name}")
+            elif not ours and top(name) not in sys.stdlib_module_names | THIRD_PARTY["dataplane"]:
+                bad.append(f"{module.name} is data plane but imports {name} (third party)")
+        if top(name) == "benchmarks":
+            bad.append(f"{module.name} imports {name}: benchmarks/ is never imported by proxy/")
+    return bad
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_avoid_io_libraries(module: str) -> None:
-    names = {top(n) for n in imports(module)}
-    banned = {"asyncio", "aiohttp", "prometheus_client", "uvloop", "httptools", "socket"}
-    assert not names & banned, f"proxy/{module}.py imports {sorted(names & banned)}"
-
-
-@pytest.mark.parametrize("module", DATA_PLANE)
-def test_data_plane_imports_no_control_plane(module: str) -> None:
-    names = imports(module)
-    bad = sorted(n for n in names if n in DATA_PLANE_FORBIDDEN or top(n) in DATA_PLANE_FORBIDDEN)
-    assert not bad, f"proxy/{module}.py is data plane but imports {bad}"
-
-
-@pytest.mark.parametrize("module", DATA_PLANE)
-def test_data_plane_has_no_per_request_logging(module: str) -> None:
+def logging_violations(module: Module) -> list[str]:
+    if module.plane != "dataplane":
+        return []
     bad = []
-    for node in ast.walk(tree(module)):
+    for node in ast.walk(module.tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
         if isinstance(func, ast.Name) and func.id == "print":
-            bad.append(f"line {node.lineno}: print()")
+            bad.append(f"{module.name} line {node.lineno}: print()")
         elif (
             isinstance(func, ast.Attribute)
             and func.attr in PER_REQUEST_LOG_CALLS
             and isinstance(func.value, ast.Name)
             and func.value.id in ("logger", "logging", "log")
         ):
-            bad.append(f"line {node.lineno}: {func.value.id}.{func.attr}()")
-    assert not bad, f"proxy/{module}.py logs on the hot path: {bad}"
+            bad.append(f"{module.name} line {node.lineno}: {func.value.id}.{func.attr}()")
+    return bad
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_every_module_has_a_short_docstring(module: str) -> None:
-    doc = ast.get_docstring(tree(module), clean=True)
-    assert doc, f"proxy/{module}.py has no module docstring (STYLE.md: what it owns)"
+def docstring_violations(module: Module) -> list[str]:
+    if module.path.name == "__init__.py":
+        return []
+    doc = ast.get_docstring(module.tree, clean=True)
+    if not doc:
+        return [f"{module.name} has no module docstring (STYLE.md: what it owns)"]
     lines = doc.strip().splitlines()
-    assert len(lines) <= 5, f"proxy/{module}.py docstring has {len(lines)} lines (max 5)"
+    if len(lines) > MAX_DOCSTRING_LINES:
+        return [f"{module.name} docstring has {len(lines)} lines (max {MAX_DOCSTRING_LINES})"]
+    return []
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_benchmarks_never_imported_by_proxy(module: str) -> None:
-    names = imports(module)
-    assert not any(top(n) == "benchmarks" for n in names), f"proxy/{module}.py imports benchmarks"
+def violations(package: Path) -> list[str]:
+    modules = load_modules(package)
+    known = {m.name for m in modules}
+    bad: list[str] = []
+    for m in modules:
+        bad += import_violations(m, imports(m, known), package.name)
+        bad += logging_violations(m)
+        bad += docstring_violations(m)
+    return bad
 
 
-def missing_test_files() -> list[str]:
-    return [
-        m
-        for m in MODULES
-        if m not in NO_TEST_NEEDED
-        and not (TESTS / f"test_{m}.py").exists()
-        and m not in TESTED_ELSEWHERE
-    ]
+def test_the_planes_are_folders() -> None:
+    planes = {p.name for p in PROXY.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert planes == {"core", "dataplane", "control"}
+    top_modules = {p.stem for p in PROXY.glob("*.py")}
+    assert top_modules == {"__init__", "__main__", "app", "cli"}
 
 
-def test_every_module_has_a_test_file_or_a_reason() -> None:
-    missing = missing_test_files()
-    assert not missing, "no tests/test_<name>.py and not in TESTED_ELSEWHERE: " + ", ".join(
-        f"proxy/{m}.py" for m in missing
-    )
+def test_the_real_tree_keeps_every_rule() -> None:
+    assert violations(PROXY) == []
 
 
-@pytest.mark.parametrize("module", sorted(TESTED_ELSEWHERE))
-def test_allow_list_stays_honest(module: str) -> None:
-    assert module in MODULES, f"TESTED_ELSEWHERE names proxy/{module}.py, which is gone"
-    assert not (TESTS / f"test_{module}.py").exists(), (
-        f"tests/test_{module}.py exists now: drop {module!r} from TESTED_ELSEWHERE"
-    )
-    for name in TESTED_ELSEWHERE[module]:
-        assert (TESTS / name).exists(), f"TESTED_ELSEWHERE[{module!r}] names missing {name}"
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root / "fakepkg"
 
 
-def test_no_stray_test_files() -> None:
-    # tests/test_<name>.py mirrors proxy/<name>.py, or is a named cross-module suite.
-    cross_module = {
-        "e2e",
-        "proxy",
-        "failures",
-        "hostile",
-        "live",
-        "bench",
-        "metrics_e2e",
-        "rollout_e2e",
-        "layout",
-        "conformance",
+GOOD = '"""A module that keeps the rules."""\n'
+
+
+@pytest.mark.parametrize(
+    ("rel", "text", "expected"),
+    [
+        ("core/router.py", '"""r."""\nimport asyncio\n', "is pure but imports asyncio"),
+        ("core/router.py", '"""r."""\nimport aiohttp\n', "is pure but imports aiohttp"),
+        ("core/router.py", '"""r."""\nimport yaml\n', "is pure but imports yaml"),
+        (
+            "core/router.py",
+            '"""r."""\nfrom fakepkg.dataplane import upstream\n',
+            "is pure but imports fakepkg.dataplane.upstream",
+        ),
+        (
+            "core/router.py",
+            '"""r."""\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n'
+            "    from ..dataplane.upstream import X\n",
+            "is pure but imports fakepkg.dataplane.upstream",
+        ),
+        (
+            "dataplane/upstream.py",
+            '"""u."""\nimport prometheus_client\n',
+            "is data plane but imports prometheus_client",
+        ),
+        (
+            "dataplane/upstream.py",
+            '"""u."""\nfrom fakepkg.control import metrics\n',
+            "only app and cli reach control/",
+        ),
+        (
+            "dataplane/upstream.py",
+            '"""u."""\nimport logging\nlogger = logging.getLogger()\nlogger.info("x")\n',
+            "logger.info()",
+        ),
+        ("dataplane/upstream.py", "x = 1\n", "has no module docstring"),
+        ("control/metrics.py", '"""m."""\nimport benchmarks.load\n', "benchmarks/ is never"),
+        ("core/router.py", '"""1\n2\n3\n4\n5\n6\n"""\n', "docstring has 6 lines"),
+    ],
+)
+def test_a_deliberate_violation_is_caught(tmp_path: Path, rel: str, text: str, expected: str):
+    files = {
+        "fakepkg/__init__.py": "",
+        "fakepkg/app.py": GOOD + "from fakepkg.control import metrics\n",
+        "fakepkg/core/__init__.py": "",
+        "fakepkg/core/router.py": GOOD + "import hashlib\n",
+        "fakepkg/core/config/__init__.py": "",
+        "fakepkg/core/config/load.py": GOOD + "import yaml\n",
+        "fakepkg/dataplane/__init__.py": "",
+        "fakepkg/dataplane/upstream.py": GOOD + "import httptools\nfrom ..core import router\n",
+        "fakepkg/control/__init__.py": "",
+        "fakepkg/control/metrics.py": GOOD + "import prometheus_client\n",
     }
-    stray = [
-        p.name
-        for p in TESTS.glob("test_*.py")
-        if p.stem[5:] not in MODULES and p.stem[5:] not in cross_module
-    ]
-    assert not stray, f"test files that mirror no module: {stray} (add them to cross_module)"
+    package = write_tree(tmp_path, files)
+    assert violations(package) == []  # the clean fake tree passes
+    (package / rel).write_text(text)
+    found = violations(package)
+    assert any(expected in v for v in found), found

@@ -6,15 +6,15 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
-from proxy.config import Config, Endpoint, Match, RouteConfig, VersionConfig
-from proxy.metrics import (
+from proxy.control.metrics import (
     CONTENT_TYPE,
     GraygateCollector,
     make_registry,
     render,
 )
-from proxy.state import ROLLOUT_PHASES, RolloutStatus, RouteState
-from proxy.stats import BUCKETS, UPSTREAM_ERROR_KINDS, VERDICTS, Stats
+from proxy.core.config import Config, Endpoint, Match, RouteConfig, VersionConfig
+from proxy.core.state import ROLLOUT_PHASES, RolloutStatus, RouteState
+from proxy.core.stats import BUCKETS, UPSTREAM_ERROR_KINDS, VERDICTS, Stats
 
 FAMILIES = {
     "graygate_requests": "counter",

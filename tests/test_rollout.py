@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.analysis import Judgement, Sample, verdict
-from proxy.config import (
+from proxy.core.analysis import Judgement, Sample, verdict
+from proxy.core.config import (
     AnalysisConfig,
     Match,
     PauseStep,
@@ -17,8 +17,8 @@ from proxy.config import (
     VersionConfig,
     WeightStep,
 )
-from proxy.rollout import Decision, abort, decide, pause, promote, resume, rollback, start
-from proxy.state import PolicyError, RouteState
+from proxy.core.rollout import Decision, abort, decide, pause, promote, resume, rollback, start
+from proxy.core.state import PolicyError, RouteState
 
 PASS = Judgement("pass", (), {"canary_requests": 500})
 FAIL = Judgement("fail", ("canary error rate 9% is above the 1% ceiling",), {"canary_errors": 45})

@@ -19,7 +19,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.router import bucket
+from proxy.core.router import bucket
 from tests.conftest import ROOT, free_port, route_config
 
 INTERVAL = 1.0

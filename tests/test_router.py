@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import (
+from proxy.core.config import (
     CohortSource,
     Config,
     CookieConfig,
@@ -24,7 +24,7 @@ from proxy.config import (
     StickyConfig,
     VersionConfig,
 )
-from proxy.router import (
+from proxy.core.router import (
     BUCKETS,
     COHORT_VALUE_RE,
     Choice,
@@ -34,7 +34,7 @@ from proxy.router import (
     parse_cookies,
     valid_cohort_value,
 )
-from proxy.state import RolloutStatus, RoutePolicy, RouteState, compile_policy
+from proxy.core.state import RolloutStatus, RoutePolicy, RouteState, compile_policy
 
 EP = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def test_bucket_is_the_same_in_a_fresh_process():
     salts = [b"shop", b"", "säure".encode()]
     here = [[bucket(s, k) for k in keys] for s in salts]
     code = (
-        "import json, sys; from proxy.router import bucket; "
+        "import json, sys; from proxy.core.router import bucket; "
         "keys, salts = json.load(sys.stdin); "
         "print(json.dumps([[bucket(s.encode('latin-1'), k) for k in keys] for s in salts]))"
     )

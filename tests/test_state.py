@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import (
+from proxy.core.config import (
     CohortSource,
     Config,
     Endpoint,
@@ -22,7 +22,7 @@ from proxy.config import (
     VersionConfig,
     WeightStep,
 )
-from proxy.state import (
+from proxy.core.state import (
     PolicyError,
     PolicyStore,
     RolloutStatus,

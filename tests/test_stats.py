@@ -4,7 +4,7 @@ from bisect import bisect_left
 
 import pytest
 
-from proxy.config import (
+from proxy.core.config import (
     AnalysisConfig,
     Config,
     Endpoint,
@@ -13,7 +13,7 @@ from proxy.config import (
     RouteConfig,
     VersionConfig,
 )
-from proxy.stats import (
+from proxy.core.stats import (
     BUCKETS,
     RESERVOIR_SIZE,
     UPSTREAM_ERROR_KINDS,

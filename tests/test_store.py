@@ -3,16 +3,10 @@ import os
 
 import pytest
 
-from proxy.config import PauseStep, WeightStep, parse_config
-from proxy.state import RolloutStatus, RouteState
-from proxy.store import (
-    EVENTS_ON_DISK,
-    Event,
-    EventLog,
-    FileStateStore,
-    StateFileError,
-    merge_states,
-)
+from proxy.control.store.events import Event, EventLog
+from proxy.control.store.file import EVENTS_ON_DISK, FileStateStore, StateFileError, merge_states
+from proxy.core.config import PauseStep, WeightStep, parse_config
+from proxy.core.state import RolloutStatus, RouteState
 
 
 def route(name, versions=("blue", "green"), stable="blue"):

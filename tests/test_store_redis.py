@@ -20,8 +20,8 @@ import redis
 from conftest import free_port, route_config
 
 from proxy.app import StartupError
-from proxy.state import RouteState
-from proxy.store_redis import RedisStateError, RedisStateStore
+from proxy.control.store.redis import RedisStateError, RedisStateStore
+from proxy.core.state import RouteState
 
 _prefixes = itertools.count()
 

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
-from proxy.config import Endpoint, Limits, OutlierConfig, parse_config
-from proxy.upstream import (
+from proxy.core.config import Endpoint, Limits, OutlierConfig, parse_config
+from proxy.dataplane.upstream import (
     EndpointPool,
     UpstreamConnection,
     UpstreamError,

@@ -21,11 +21,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.registry import CollectorRegistry
 
-from proxy import rollout
-from proxy.config import ConfigError, PauseStep, RouteConfig, Step, WeightStep, parse_duration
-from proxy.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
-from proxy.stats import BUCKETS, Stats, is_error
-from proxy.store import EventLog, json_safe
+from proxy.control.store.events import EventLog, json_safe
+from proxy.core import rollout
+from proxy.core.config import ConfigError, PauseStep, RouteConfig, Step, WeightStep, parse_duration
+from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
+from proxy.core.stats import BUCKETS, Stats, is_error
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ async def _metrics(request: web.Request) -> web.Response:
     registry = request.app[CTX].registry
     if registry is None:
         raise ApiError(404, "not_found", "metrics are not enabled")
-    from proxy.metrics import CONTENT_TYPE, render
+    from proxy.control.metrics import CONTENT_TYPE, render
 
     return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})
 

@@ -19,8 +19,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from proxy.state import ROLLOUT_PHASES, RouteState
-from proxy.stats import BUCKETS, Stats
+from proxy.core.state import ROLLOUT_PHASES, RouteState
+from proxy.core.stats import BUCKETS, Stats
 
 # generate_latest writes the 0.0.4 text format; CONTENT_TYPE_LATEST names 1.0.0 in
 # prometheus_client >= 0.22, which would mislabel the body.

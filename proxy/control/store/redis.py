@@ -17,15 +17,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.state import PolicyError, PolicyStore, RouteState
-from proxy.store import (
-    EVENTS_ON_DISK,
-    Event,
-    EventLog,
-    event_from_json,
-    json_safe,
-    state_from_json,
-)
+from proxy.control.store.events import Event, EventLog, event_from_json, json_safe
+from proxy.control.store.file import EVENTS_ON_DISK, state_from_json
+from proxy.core.state import PolicyError, PolicyStore, RouteState
 
 logger = logging.getLogger(__name__)
 

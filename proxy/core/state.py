@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from proxy.config import Config, ForceRule, Reason, RouteConfig, Step
+from proxy.core.config import Config, ForceRule, Reason, RouteConfig, Step
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RouteState:
 
 
 def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
-    from proxy.config import PauseStep, WeightStep
+    from proxy.core.config import PauseStep, WeightStep
 
     steps: list[object] = []
     for s in r.steps:
@@ -96,7 +96,7 @@ def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
 
 
 def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
-    from proxy.config import PauseStep, WeightStep
+    from proxy.core.config import PauseStep, WeightStep
 
     steps: list[Step] = []
     raw_steps = d.get("steps") or []

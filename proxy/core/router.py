@@ -12,8 +12,8 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from proxy.config import Reason
-from proxy.state import RoutePolicy, RoutingPolicy
+from proxy.core.config import Reason
+from proxy.core.state import RoutePolicy, RoutingPolicy
 
 BUCKETS = 10000  # a canary weight w (percent) owns buckets [0, w * 100)
 

@@ -19,12 +19,12 @@ from typing import cast
 
 import httptools
 
-from proxy.config import Config
-from proxy.exchange import REASONS, Exchange, Runtime, build_runtime
-from proxy.headers import Headers, is_trusted, serialize
-from proxy.state import PolicyStore, RoutingPolicy
-from proxy.stats import Stats
-from proxy.upstream import Upstreams
+from proxy.core.config import Config
+from proxy.core.headers import Headers, is_trusted, serialize
+from proxy.core.state import PolicyStore, RoutingPolicy
+from proxy.core.stats import Stats
+from proxy.dataplane.exchange import REASONS, Exchange, Runtime, build_runtime
+from proxy.dataplane.upstream import Upstreams
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,20 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.headers import Headers, request_head, response_head
-from proxy.router import choose, match_route, parse_cookies
-from proxy.state import RoutePolicy, RoutingPolicy
-from proxy.stats import Stats, VersionStats
-from proxy.upstream import EndpointPool, UpstreamConnection, UpstreamError, Upstreams, VersionPool
+from proxy.core.headers import Headers, request_head, response_head
+from proxy.core.router import choose, match_route, parse_cookies
+from proxy.core.state import RoutePolicy, RoutingPolicy
+from proxy.core.stats import Stats, VersionStats
+from proxy.dataplane.upstream import (
+    EndpointPool,
+    UpstreamConnection,
+    UpstreamError,
+    Upstreams,
+    VersionPool,
+)
 
 if TYPE_CHECKING:
-    from proxy.downstream import DownstreamProtocol, Gateway
+    from proxy.dataplane.downstream import DownstreamProtocol, Gateway
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("graygate.access")  # per-request lines, off by default
