@@ -420,7 +420,9 @@ async def test_rollout_start_custom_steps_and_default_canary(h):
         ({"canary": "green", "steps": []}, "steps"),
         ({"canary": "green", "steps": "5,10"}, "steps"),
         ({"canary": "green", "steps": [5, 101]}, "steps[1]"),
-        ({"canary": "green", "steps": [5, {"pause": "soon"}]}, "steps[1]"),
+        ({"canary": "green", "steps": [5, {"pause": "soon"}]}, "steps[1].pause"),
+        ({"canary": "green", "steps": [50, 10]}, "steps[1]"),  # the config's rule: increasing
+        ({"canary": "green", "steps": [0, 100]}, "steps[0]"),  # and weights 1..100
         ({"canary": "green", "steps": [True]}, "steps[0]"),
         ({"canary": "green", "color": "x"}, "color"),
         (["green"], None),
@@ -430,6 +432,25 @@ async def test_rollout_start_invalid(h, body, field):
     before = h.store.state("shop")
     await expect_error(await post(h, "shop/rollout", body), 422, "invalid", field)
     assert h.store.state("shop") == before and h.events.since() == []
+
+
+async def test_rollout_steps_refused_with_the_message_of_graygate_check(h):
+    resp = await post(h, "shop/rollout", {"canary": "green", "steps": [10, 50, 25]})
+    body = await resp.json()
+    assert resp.status == 422
+    # What `graygate check` prints for the same list under routes[0].rollout.steps.
+    assert body["error"]["message"] == (
+        "steps[2]: steps must increase; the previous weight step is 50, got 25"
+    )
+
+
+async def test_weights_refused_with_the_message_of_graygate_check(h):
+    body = await (await put_weights(h, {"blue": 90, "green": 20})).json()
+    assert body["error"] == {
+        "code": "invalid",
+        "message": "weights must sum to 100, got 110",
+        "field": "weights",
+    }
 
 
 @pytest.mark.parametrize("action", ["pause", "resume", "promote", "abort"])

@@ -368,7 +368,7 @@ REFUSALS = [
     (
         "weights missing version",
         _set(*R, "weights", {"blue": 100}),
-        "routes[0].weights",
+        "routes[0].weights.green",  # the missing key itself, as the API reports it
         "missing weight for version green",
     ),
     (

@@ -206,3 +206,13 @@ async def test_argparse_wiring_runs_commands(admin, capsys, monkeypatch):
         parser().parse_args(["rollout", "start", "shop", "--steps", "5,abc"])
     with pytest.raises(SystemExit):
         parser().parse_args(["rollout", "explode", "shop"])
+
+
+def test_steps_refused_by_the_config_files_rule(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["rollout", "start", "shop", "--steps", "50,10"])
+    assert exc.value.code == 2
+    # The same words `graygate check` and the admin API use for the list.
+    assert "--steps[1]: steps must increase; the previous weight step is 50, got 10" in (
+        capsys.readouterr().err
+    )

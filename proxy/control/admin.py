@@ -1,4 +1,4 @@
-"""The admin HTTP contract (DESIGN.md section 5) on aiohttp: health, metrics, dashboard and
+"""The admin HTTP contract (docs/admin-api.md) on aiohttp: health, metrics, dashboard and
 the /api/v1 routes, weights, rollout, events and reload calls.
 Changes state only through PolicyStore.replace(); every change is persisted and becomes an
 event. Never touches the data plane directly.
@@ -23,7 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from proxy.control.store.events import EventLog, json_safe
 from proxy.core import rollout
-from proxy.core.config import ConfigError, PauseStep, RouteConfig, Step, WeightStep, parse_duration
+from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
 from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
 from proxy.core.stats import BUCKETS, Stats, is_error
 
@@ -390,27 +390,11 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 def _validate_weights(route: RouteConfig, body: Any) -> tuple[tuple[str, int], ...]:
-    names = route.version_names
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid", "body must be a JSON object of version -> weight")
-    for key in body:
-        if key not in names:
-            raise ApiError(
-                422,
-                "invalid",
-                f"unknown version {key!r}; route {route.name!r} has {', '.join(names)}",
-                key,
-            )
-    for name in names:
-        if name not in body:
-            raise ApiError(422, "invalid", f"missing weight for version {name!r}", name)
-        w = body[name]
-        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 100:
-            raise ApiError(422, "invalid", f"{name}: must be an integer 0..100, got {w!r}", name)
-    total = sum(body[n] for n in names)
-    if total != 100:
-        raise ApiError(422, "invalid", f"weights must sum to 100, got {total}", "weights")
-    return tuple((n, body[n]) for n in names)
+    # The config file's rule and message; fields name the version ("green"), or "weights".
+    try:
+        return parse_weights(body, "", route.version_names)
+    except ConfigError as exc:
+        raise ApiError(422, "invalid", str(exc), exc.path or "weights") from exc
 
 
 async def _put_weights(request: web.Request) -> web.Response:
@@ -441,33 +425,11 @@ async def _put_weights(request: web.Request) -> web.Response:
 
 
 def _parse_steps(raw: Any) -> tuple[Step, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(422, "invalid", "steps must be a non-empty list", "steps")
-    steps: list[Step] = []
-    for i, s in enumerate(raw):
-        where = f"steps[{i}]"
-        if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 100:
-            steps.append(WeightStep(s))
-            continue
-        if isinstance(s, dict) and set(s) == {"pause"}:
-            p = s["pause"]
-            if p is True:
-                steps.append(PauseStep(None))
-                continue
-            if isinstance(p, int | float) and not isinstance(p, bool) and p > 0:
-                steps.append(PauseStep(float(p)))
-                continue
-            if isinstance(p, str):
-                with contextlib.suppress(ConfigError, ValueError):  # refused just below
-                    steps.append(PauseStep(parse_duration(p)))
-                    continue
-        raise ApiError(
-            422,
-            "invalid",
-            f"{where}: must be a weight 0..100 or {{'pause': true | seconds | '10m'}}, got {s!r}",
-            where,
-        )
-    return tuple(steps)
+    # The config file's rule and message, so `graygate check` and the API agree.
+    try:
+        return parse_steps(raw, "steps")
+    except ConfigError as exc:
+        raise ApiError(422, "invalid", str(exc), exc.path) from exc
 
 
 async def _start_rollout(request: web.Request) -> web.Response:

@@ -719,6 +719,12 @@ def _weights(
 ) -> tuple[tuple[str, int], ...]:
     if value is None:
         return tuple((n, 100 if n == stable else 0) for n in names)
+    return parse_weights(value, path, names)
+
+
+def parse_weights(value: object, path: str, names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """Weights for every version (integers 0..100 summing to 100), in `names` order. The one
+    rule for the config file, the admin API and stored states; errors name `path.version`."""
     if not isinstance(value, dict):
         _fail(path, f"must be a mapping of version -> percent for {', '.join(names)}", value)
     for k in value:
@@ -727,7 +733,7 @@ def _weights(
     weights = []
     for n in names:
         if n not in value:
-            _fail(path, f"missing weight for version {n}; give every version a weight")
+            _fail(_key(path, n), f"missing weight for version {n}; give every version a weight")
         weights.append((n, _int(value[n], _key(path, n), 0, 100)))
     total = sum(w for _, w in weights)
     if total != 100:
@@ -843,7 +849,9 @@ def _health_check(value: object, path: str) -> HealthCheckConfig | None:
     )
 
 
-def _steps(value: object, path: str) -> tuple[Step, ...]:
+def parse_steps(value: object, path: str) -> tuple[Step, ...]:
+    """Rollout steps: weights 1..100 strictly increasing, and pause entries. The one rule
+    for the config file, `POST .../rollout` and `graygate rollout start --steps`."""
     help_ = "weights 1..100 and {pause: true} / {pause: <duration>} entries"
     items = _list(value, path, help_)
     if not items:
@@ -918,7 +926,7 @@ def _rollout(value: object, path: str) -> RolloutConfig:
     )
     d = RolloutConfig()
     return RolloutConfig(
-        steps=_steps(t["steps"], _key(path, "steps")) if "steps" in t else d.steps,
+        steps=parse_steps(t["steps"], _key(path, "steps")) if "steps" in t else d.steps,
         interval=_positive_duration(t.get("interval", d.interval), _key(path, "interval")),
         analysis=_analysis(t.get("analysis"), _key(path, "analysis")),
         failure_limit=_int(t.get("failure_limit", d.failure_limit), _key(path, "failure_limit"), 1),
