@@ -206,3 +206,42 @@ async def test_argparse_wiring_runs_commands(admin, capsys, monkeypatch):
         parser().parse_args(["rollout", "start", "shop", "--steps", "5,abc"])
     with pytest.raises(SystemExit):
         parser().parse_args(["rollout", "explode", "shop"])
+
+
+# ---- Host checks (DNS rebinding): the CLI keeps working through the names it is given -------
+
+
+def loopback_alias():
+    """A name other than localhost that resolves to loopback here (the machine's own
+    hostname usually does, through /etc/hosts), or None."""
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    ok = name.lower() != "localhost" and all(i[4][0].startswith("127.") for i in infos)
+    return name if ok else None
+
+
+async def test_cli_through_localhost_name_changes_weights(admin, capsys):
+    url = admin.url.replace("127.0.0.1", "localhost")
+    code = await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False)
+    assert code == 0, capsys.readouterr().err
+    assert dict(admin.store.state("shop").weights) == {"blue": 60, "green": 40}
+
+
+async def test_cli_refused_for_a_name_the_admin_does_not_know(admin, capsys):
+    alias = loopback_alias()
+    if alias is None:
+        pytest.skip("no name other than localhost resolves to 127.0.0.1 here")
+    url = admin.url.replace("127.0.0.1", alias)
+    before = admin.store.state("shop")
+    code = await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "forbidden_host" in err and "admin.allowed_hosts" in err
+    assert admin.store.state("shop") == before and admin.events.since() == []
+
+    admin.ctx.allowed_hosts = (alias.lower(),)
+    assert await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False) == 0
+    assert dict(admin.store.state("shop").weights) == {"blue": 60, "green": 40}
