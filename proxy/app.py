@@ -112,7 +112,10 @@ class App:
             token=config.admin.token,
             ready=lambda: not self.draining,
             stats=self.stats,
+            listen_host=config.admin.listen.host,
+            allowed_hosts=config.admin.allowed_hosts,
         )
+        self.admin_ctx = ctx
         self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
         await self.admin_runner.setup()
         site = web.TCPSite(self.admin_runner, config.admin.listen.host, config.admin.listen.port)
@@ -167,6 +170,7 @@ class App:
             logger.warning("reload: listen addresses changed; they apply at the next restart")
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
+        self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
         self.gateway.upstreams.start_health_checks()
         self.config = config
 

@@ -6,6 +6,7 @@ Every error is a ConfigError naming the dotted key, the bad value and what is al
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -26,6 +27,8 @@ Backend = Literal["file", "redis"]
 BACKENDS: tuple[Backend, ...] = ("file", "redis")
 OnFailure = Literal["rollback", "pause"]
 ON_FAILURE: tuple[OnFailure, ...] = ("rollback", "pause")
+ForwardedFor = Literal["append", "replace"]
+FORWARDED_FOR: tuple[ForwardedFor, ...] = ("append", "replace")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,9 @@ class RouteConfig:
 class AdminConfig:
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 9901))
     token: str | None = None  # from `token:` (after ${ENV} expansion) or `token_file:`
+    # Host names (lowercase, IPv6 in brackets, no port) the admin answers besides loopback
+    # and its listen address; "*" answers any Host. See admin.host_allowed.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    forwarded_for: ForwardedFor = "append"  # replace: drop an untrusted peer's chain
     version_header: str | None = "X-Graygate-Version"  # None: do not add it
     via: str = "graygate"  # pseudonym in Via: "1.1 graygate"
     grace_period: float = 30.0  # SIGTERM drain time
@@ -542,6 +549,7 @@ _TOP_KEYS = (
     "timeouts",
     "limits",
     "trusted_proxies",
+    "forwarded_for",
     "version_header",
     "via",
     "grace_period",
@@ -569,7 +577,7 @@ _ANALYSIS_KEYS = tuple(AnalysisConfig.__dataclass_fields__)
 
 
 def _admin(value: object, path: str) -> AdminConfig:
-    t = _table(value, path, ("listen", "token", "token_file"))
+    t = _table(value, path, ("listen", "token", "token_file", "allowed_hosts"))
     listen = AdminConfig().listen
     if "listen" in t:
         listen = parse_address(t["listen"], _key(path, "listen"))
@@ -592,7 +600,31 @@ def _admin(value: object, path: str) -> AdminConfig:
             f"is required when admin.listen ({listen}) is not a loopback address; "
             "set admin.token or admin.token_file",
         )
-    return AdminConfig(listen=listen, token=token)
+    hosts_path = _key(path, "allowed_hosts")
+    hosts = _list(t.get("allowed_hosts", []), hosts_path, 'host names or IPs ("graygate.internal")')
+    allowed = tuple(_allowed_host(h, f"{hosts_path}[{i}]") for i, h in enumerate(hosts))
+    return AdminConfig(listen=listen, token=token, allowed_hosts=allowed)
+
+
+def _allowed_host(value: object, path: str) -> str:
+    """One admin.allowed_hosts entry, as the name part of a Host header compares to it."""
+    help_ = (
+        'must be a host name or IP address without a port or scheme ("graygate.internal"), or "*"'
+    )
+    text = _str(value, path).strip().lower()
+    if text == "*":
+        return text
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    with contextlib.suppress(ValueError):  # not an address: a name, checked below
+        ip = ipaddress.ip_address(bare)
+        return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and _is_hostname(host.rstrip(".")):
+        _fail(path, f"{help_}; write it without a port (the port is never compared)", value)
+    text = text.rstrip(".")
+    if not _is_hostname(text):
+        _fail(path, help_, value)
+    return text
 
 
 def _str_or_empty(value: object, path: str) -> str:
@@ -1003,6 +1035,9 @@ def parse_config(
         timeouts=_timeouts(tree.get("timeouts"), "timeouts"),
         limits=_limits(tree.get("limits"), "limits"),
         trusted_proxies=_trusted_proxies(tree.get("trusted_proxies", []), "trusted_proxies"),
+        forwarded_for=_choice(
+            tree.get("forwarded_for", d.forwarded_for), "forwarded_for", FORWARDED_FOR
+        ),
         version_header=_version_header(
             tree.get("version_header", d.version_header), "version_header"
         ),

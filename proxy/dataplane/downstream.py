@@ -77,6 +77,7 @@ class Gateway:
         self.via10 = f"1.0 {config.via}".encode()
         self.access_log = config.access_log
         self.trusted = config.trusted_proxies
+        self.replace_for = config.forwarded_for == "replace"
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(host_name(config.listen.host))
