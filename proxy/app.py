@@ -13,6 +13,7 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -29,6 +30,7 @@ from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import Gateway
+from proxy.dataplane.tls import reload_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class App:
         self.data_address = ""
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
+        self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
 
     async def start(self) -> None:
         config = self.config
@@ -87,6 +90,14 @@ class App:
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
         listen = config.listen
+        tls_options: dict[str, Any] = {}
+        if config.listen_tls is not None:
+            try:
+                self.tls = server_context(config.listen_tls)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from exc
+            # A handshake is part of the request head's time: the same bound applies.
+            tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         try:
             self.server = await loop.create_server(
                 self.gateway.protocol,
@@ -94,6 +105,7 @@ class App:
                 listen.port,
                 backlog=4096,
                 reuse_address=True,
+                **tls_options,
             )
         except OSError as exc:
             raise StartupError(f"listen: cannot bind {listen}: {exc}") from exc
@@ -140,7 +152,8 @@ class App:
         gc.collect()
         gc.freeze()
         logger.info(
-            "graygate serving on http://%s, admin on http://%s, routes: %s",
+            "graygate serving on %s://%s, admin on http://%s, routes: %s",
+            "https" if self.tls is not None else "http",
             self.data_address,
             self.admin_address,
             ", ".join(r.name for r in config.routes),
@@ -163,8 +176,15 @@ class App:
     async def reload(self) -> None:
         """Apply a new config file atomically; raises ConfigError and keeps the old one."""
         config = load_config(self.config_path)
-        if config.listen != self.config.listen or config.admin.listen != self.config.admin.listen:
+        if (
+            config.listen != self.config.listen
+            or config.admin.listen != self.config.admin.listen
+            or (config.listen_tls is None) != (self.tls is None)
+        ):
             logger.warning("reload: listen addresses changed; they apply at the next restart")
+        if self.tls is not None and config.listen_tls is not None:
+            # New handshakes get the new certificate; open connections keep theirs.
+            reload_context(self.tls, config.listen_tls)  # ConfigError: the old one stays
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
         self.gateway.upstreams.start_health_checks()

@@ -17,6 +17,7 @@ import uvloop
 from proxy import __version__
 from proxy.control import ctl
 from proxy.core.config import ConfigError, describe, load_config
+from proxy.dataplane.tls import server_context
 
 logger = logging.getLogger("proxy")
 
@@ -37,6 +38,8 @@ def _serve(ns: argparse.Namespace) -> int:
 def _check(ns: argparse.Namespace) -> int:
     try:
         config = load_config(ns.config)
+        if config.listen_tls is not None:
+            server_context(config.listen_tls)  # the files exist, parse, and the key fits
     except ConfigError as exc:
         print(f"graygate: {ns.config}: {exc}", file=sys.stderr)
         return 2

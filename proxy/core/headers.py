@@ -84,6 +84,7 @@ def request_head(
     default_host: bytes,
     upgrade: bool = False,
     chunked: bool = False,
+    scheme: bytes = b"http",
 ) -> bytes:
     """The head graygate sends upstream for a client request.
 
@@ -91,6 +92,7 @@ def request_head(
     value); keeps Host as sent (or `default_host` when the client sent none). From an
     untrusted peer any X-Forwarded-* is dropped so nobody can forge an address; from a
     trusted proxy the chain is kept and extended. Via gets `via` appended.
+    X-Forwarded-Proto is the listener's `scheme` unless a trusted proxy sent one.
 
     >>> head = request_head(b"GET", b"/", [(b"host", b"a"), (b"x-forwarded-for", b"6.6.6.6")],
     ...     None, b"10.0.0.1", False, b"1.1 graygate", b"up:80")
@@ -132,7 +134,7 @@ def request_head(
         b"x-forwarded-for: ",
         b", ".join(chain),
         b"\r\nx-forwarded-proto: ",
-        proto or b"http",
+        proto or scheme,
         b"\r\nx-forwarded-host: ",
         fhost if fhost is not None else host,
         b"\r\nvia: ",

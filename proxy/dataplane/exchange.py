@@ -353,6 +353,7 @@ class Exchange:
             ep.host_header,
             self.upgrade,
             self.chunked,
+            down_.scheme,
         )
         self.attempt(ep)
 
