@@ -22,7 +22,8 @@ from aiohttp import web
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.controller import Controller
-from proxy.control.metrics import make_registry
+from proxy.control.metrics import NotificationCollector, make_registry
+from proxy.control.notify import Notifier
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
@@ -54,6 +55,7 @@ class App:
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
         self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
+        self.notifier: Notifier | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -82,6 +84,10 @@ class App:
                 raise StartupError(str(exc)) from exc
         states, events = loaded if loaded is not None else ({}, [])
         self.events = EventLog(events)
+        # Webhooks (notifications:): queued per receiver, never awaited by whoever appends.
+        self.notifier = Notifier(config.notifications)
+        self.notifier.start()
+        self.events.subscribe(self.notifier.offer)
         self.store = PolicyStore(config, merge_states(config, states))
         if backend is not None:
             self.redis = RedisSync(backend, self.store, self.events)
@@ -115,6 +121,7 @@ class App:
             lambda: self.store.policy,
             lambda: self.gateway.upstreams.endpoint_states(loop.time()),
         )
+        registry.register(NotificationCollector(self.notifier.rows))
         ctx = AdminContext(
             store=self.store,
             persist=self.persist,
@@ -185,6 +192,8 @@ class App:
         if self.tls is not None and config.listen_tls is not None:
             # New handshakes get the new certificate; open connections keep theirs.
             reload_context(self.tls, config.listen_tls)  # ConfigError: the old one stays
+        if self.notifier is not None:
+            await self.notifier.reconfigure(config.notifications)
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
         self.gateway.upstreams.start_health_checks()
@@ -212,6 +221,8 @@ class App:
         await self.gateway.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.notifier is not None:
+            await self.notifier.close()  # what is still queued is dropped (and counted)
         with contextlib.suppress(OSError):
             self.persist()
         if self.redis is not None:
@@ -290,6 +301,8 @@ async def _close_partial(app: App) -> None:
         app.server.close()
     if app.admin_runner is not None:
         await app.admin_runner.cleanup()
+    if app.notifier is not None:
+        await app.notifier.close()
     gateway = getattr(app, "gateway", None)
     if gateway is not None:
         await gateway.close()
