@@ -131,7 +131,20 @@ class Controller:
         self, route: str, before: RouteState, after: RouteState, decision: Decision
     ) -> None:
         log = logger.info if decision.action not in ("hold", "none") else logger.debug
-        log("rollout %s: %s (%s)", route, decision.action, decision.message)
+        log(
+            "rollout %s: %s (%s)",
+            route,
+            decision.action,
+            decision.message,
+            extra={
+                "route": route,
+                "action": f"rollout.{decision.action}",
+                "actor": "rollout-controller",
+                "revision": after.revision,
+                "state": after.to_json(),
+                "figures": decision.figures,
+            },
+        )
         self.events.append(
             route,
             "rollout-controller",

@@ -796,16 +796,23 @@ class Exchange:
     def log_access(self, status: int) -> None:
         # No headers, cookies or tokens: only what identifies the exchange.
         rr = self.rr
+        # One mapping argument: the text line is formatted from it, and --log-format json
+        # emits its keys as fields.
         access_logger.info(
-            "%s %s %s %d route=%s version=%s reason=%s %.1fms",
-            self.down.client_ip,
-            self.method.decode("latin-1"),
-            self.path,
-            status,
-            rr.policy.name if rr is not None else "-",
-            self.version or "-",
-            self.reason or "-",
-            (perf_counter() - self.started) * 1000 if self.started else 0.0,
+            "%(client)s %(method)s %(path)s %(status)d route=%(route)s version=%(version)s "
+            "reason=%(reason)s %(duration_ms).1fms",
+            {
+                "client": self.down.client_ip,
+                "method": self.method.decode("latin-1"),
+                "path": self.path,
+                "status": status,
+                "route": rr.policy.name if rr is not None else "-",
+                "version": self.version or "-",
+                "reason": self.reason or "-",
+                "duration_ms": round((perf_counter() - self.started) * 1000, 3)
+                if self.started
+                else 0.0,
+            },
         )
 
     # -- flow control from the downstream side ------------------------------------------------
