@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.control.ctl import _rollout as rollout_text
 from proxy.core.analysis import Judgement
 from proxy.core.config import (
     ConfigError,
@@ -269,6 +270,7 @@ async def test_a_403_gate_holds_promotion_and_a_200_lets_it_through(
         assert ro["paused_by_gate"]["gate"] == "confirm_promotion"
         assert ro["paused_by_gate"]["status"] == 403
         assert state["weights"] == {"blue": 50, "green": 50} and state["stable"] == "blue"
+        assert rollout_text(ro) == "progressing green step 1, held by gate confirm_promotion (403)"
 
         asked = gate.asked[0]
         assert (asked["path"], asked["gate"], asked["route"]) == (

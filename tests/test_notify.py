@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from proxy.control.metrics import NotificationCollector
 from proxy.control.notify import Notifier, payload, safe_host
 from proxy.control.store.events import EventLog
-from proxy.core.config import ConfigError, NotificationConfig, parse_config
+from proxy.core.config import ConfigError, NotificationConfig, describe, parse_config
 from tests.conftest import free_port, route_config
 
 TOKEN = "s3cret-admin-token"
@@ -103,10 +103,37 @@ def test_payloads_carry_the_event_and_a_line_for_people():
     }
 
 
-def test_logs_show_the_host_never_the_url():
-    assert safe_host("https://user:pw@hooks.example.com:8443/T0/B0/secret?x=1") == (
-        "https://hooks.example.com:8443"
-    )
+def test_logs_and_check_show_the_host_never_the_url():
+    secret = "https://user:pw@hooks.example.com:8443/T0/B0/secret?x=1"
+    assert safe_host(secret) == "https://hooks.example.com:8443"
+    text = describe(parse_config(config_with([{"url": secret, "name": "chat"}]), env={}))
+    assert "notification chat: json to https://hooks.example.com:8443 on *" in text
+    assert "secret" not in text and "pw" not in text
+
+
+async def test_a_reload_restarts_changed_sinks_and_keeps_their_counters(receiver):
+    async def ok(path: str, n: int) -> int:
+        return 200
+
+    rec = await receiver(ok)
+    first = NotificationConfig("a", rec.url + "/one", events=("weights",))
+    notifier = Notifier((first,))
+    notifier.start()
+    log = EventLog()
+    log.subscribe(notifier.offer)
+    try:
+        log.append("shop", "test", "weights", None, None)
+        await wait_for(lambda: notifier.counts["a"].delivered == 1)
+        await notifier.reconfigure((first,))  # unchanged: the same sink goes on
+        assert notifier.sinks[0].config is first
+        moved = NotificationConfig("a", rec.url + "/two", events=("reload",))
+        await notifier.reconfigure((moved,))
+        log.append("shop", "test", "weights", None, None)  # no longer wanted
+        log.append(None, "test", "reload", None, None)
+        await wait_for(lambda: notifier.counts["a"].delivered == 2)
+    finally:
+        await notifier.close()
+    assert [p for p, *_ in rec.attempts] == ["/one", "/two"]
 
 
 # ---- a real receiver ---------------------------------------------------------------------
