@@ -160,7 +160,8 @@ async def gate_server() -> AsyncIterator[Callable[[], Any]]:
         gate = Gate(f"http://127.0.0.1:{port}")
 
         async def answer(request: web.Request) -> web.Response:
-            gate.asked.append({"path": request.path, **json.loads(await request.read())})
+            body = json.loads(await request.read())
+            gate.asked.append({"path": request.path, "at": time.time(), **body})
             if gate.hang is not None:
                 await gate.hang.wait()
             return web.Response(status=gate.status, text="decided by the test")
@@ -303,15 +304,16 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
     gate = await gate_server()
     gate.hang = asyncio.Event()
     blue, green = await upstreams("blue"), await upstreams("green")
-    step_gate = {"confirm_step": {"url": gate.url + "/step", "timeout": "1500ms"}}
+    step_gate = {"confirm_step": {"url": gate.url + "/step", "timeout": "2s"}}
     gw = await gateway(
         [
             {
-                **route_config(blue.url, green.url, rollout=rollout([20, 50], step_gate)),
+                **route_config(blue.url, green.url, rollout=rollout([50, 80], step_gate)),
                 "match": {"host": "*", "path_prefix": "/shop"},
             },
             {
-                **route_config(blue.url, green.url, rollout=rollout([20, 50])),
+                # Several steps: it is still stepping while shop's gate call hangs.
+                **route_config(blue.url, green.url, rollout=rollout([50, 60, 70, 80, 90])),
                 "name": "other",
                 "match": {"host": "*", "path_prefix": "/other"},
             },
@@ -325,14 +327,9 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
             ) as r:
                 assert r.status == 200
 
-        async def other_promoted() -> Any:
-            st = (await route_state(s, admin, "other"))["state"]["rollout"]["state"]
-            return st == "promoted"
-
-        await until(other_promoted)  # the controller kept judging while the gate hung
-        assert gate.asked and gate.asked[0]["gate"] == "confirm_step"
-        shop = (await route_state(s, admin, "shop"))["state"]
-        assert shop["rollout"]["step"] == 0 and shop["weights"]["green"] == 20
+        await until(lambda: asyncio.sleep(0, bool(gate.asked)))  # shop's call is open
+        asked_at = gate.asked[0]["at"]
+        assert gate.asked[0]["gate"] == "confirm_step"
 
         async def timed_out() -> Any:
             found = [
@@ -342,9 +339,17 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
 
         hold = await until(timed_out)
         assert hold["figures"]["gate"]["status"] is None
-        assert hold["figures"]["gate"]["error"] == "no answer within 1.5s"
+        assert hold["figures"]["gate"]["error"] == "no answer within 2s"
         state = (await route_state(s, admin, "shop"))["state"]
-        assert state["rollout"]["paused_by_gate"]["error"] == "no answer within 1.5s"
+        assert state["rollout"]["paused_by_gate"]["error"] == "no answer within 2s"
+        assert state["rollout"]["step"] == 0 and state["weights"]["green"] == 50
+        # While shop's gate call hung, the controller kept stepping the other route.
+        moved = [
+            e["time"]
+            for e in await events(s, admin, "other")
+            if e["action"] in ("rollout.advance", "rollout.promote")
+        ]
+        assert [t for t in moved if asked_at < t < hold["time"]], (asked_at, hold["time"], moved)
 
         gate.status = 200
         gate.hang.set()
@@ -354,4 +359,4 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
 
         await until(stepped)
         state = (await route_state(s, admin, "shop"))["state"]
-        assert state["weights"]["green"] == 50 and state["rollout"]["paused_by_gate"] is None
+        assert state["weights"]["green"] == 80 and state["rollout"]["paused_by_gate"] is None
