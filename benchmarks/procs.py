@@ -166,7 +166,7 @@ PROXY_SERVER = """    split_clients "${{cookie_gg_uid}}${{remote_addr}}" $gg_ver
     upstream blue {{ server 127.0.0.1:{blue}; keepalive 64; keepalive_requests 1000000; }}
     upstream green {{ server 127.0.0.1:{green}; keepalive 64; keepalive_requests 1000000; }}
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{port}{ssl} reuseport backlog=4096;{tls}
         location / {{
             proxy_pass http://$gg_version;
             proxy_http_version 1.1;
@@ -222,11 +222,45 @@ def start_upstream(
     return start_nginx(procs, name, body, port, cpu)
 
 
+# TLS as graygate terminates it: the same files, TLS 1.2 and 1.3, OpenSSL's default ciphers.
+NGINX_TLS = """
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;"""
+
+
 def start_nginx_proxy(
-    procs: Processes, port: int, blue: int, green: int, cpu: int | None
+    procs: Processes,
+    port: int,
+    blue: int,
+    green: int,
+    cpu: int | None,
+    tls: tuple[Path, Path] | None = None,
 ) -> subprocess.Popen[bytes]:
-    body = PROXY_SERVER.format(port=port, blue=blue, green=green)
+    ssl, tls_lines = "", ""
+    if tls is not None:
+        ssl, tls_lines = " ssl", NGINX_TLS.format(cert=tls[0], key=tls[1])
+    body = PROXY_SERVER.format(port=port, blue=blue, green=green, ssl=ssl, tls=tls_lines)
     return start_nginx(procs, "nginx-proxy", body, port, cpu)
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 (wrk does not verify), made with
+    the openssl command for this run only; both proxies serve the same files."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ToolMissing("openssl is not installed: apt-get install -y openssl")
+    cert, key = folder / "bench-cert.pem", folder / "bench-key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 # --- graygate --------------------------------------------------------------------------
@@ -241,12 +275,19 @@ class GraygateConfig:
     weights: tuple[int, int] = (90, 10)
     rollout_interval: str = "1s"
     min_samples: int = 50
+    tls: tuple[Path, Path] | None = None  # (cert, key): listen with HTTPS
 
 
 def graygate_yaml(cfg: GraygateConfig, state_path: Path) -> str:
     # The real configuration (DESIGN.md section 10): cohort stickiness, metrics, forwarding
     # headers and the version header on; access log off.
-    return f"""listen: "127.0.0.1:{cfg.port}"
+    listen = f'"127.0.0.1:{cfg.port}"'
+    if cfg.tls is not None:
+        listen = (
+            f'{{address: "127.0.0.1:{cfg.port}", '
+            f'tls: {{cert: "{cfg.tls[0]}", key: "{cfg.tls[1]}", min_version: TLSv1.2}}}}'
+        )
+    return f"""listen: {listen}
 admin:
   listen: "127.0.0.1:{cfg.admin_port}"
 state:

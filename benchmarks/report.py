@@ -24,6 +24,7 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "keepalive-64k": ("rps", ">=", 0.90),
     "newconn": ("rps", ">=", 0.60),
     "fixed-rate": ("p99", "<=", 1.5),
+    "tls-keepalive-5b": ("rps", ">=", 0.75),
 }
 RSS_TARGET_KIB = 64 * 1024
 

@@ -31,6 +31,7 @@ from benchmarks.procs import (
     cpu_seconds,
     free_port,
     graygate_command,
+    make_certificate,
     peak_rss_kib,
     pin,
     require_tool,
@@ -45,7 +46,14 @@ WRK_SCENARIOS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "keepalive-5b": ("/5b", (), "5 B responses, 64 keep-alive connections (wrk)"),
     "keepalive-64k": ("/64k", (), "64 KiB responses, 64 keep-alive connections (wrk)"),
     "newconn": ("/5b", ("Connection: close",), "new connection per request, 64 clients (wrk)"),
+    "tls-keepalive-5b": (
+        "/5b",
+        (),
+        "5 B responses over HTTPS (TLS 1.3, ECDSA P-256, same files for both proxies), "
+        "64 keep-alive connections (wrk); no direct variant: the upstreams speak plain HTTP",
+    ),
 }
+TLS_SCENARIOS = frozenset({"tls-keepalive-5b"})
 SCENARIOS = (*WRK_SCENARIOS, "fixed-rate", "churn-weights", "churn-rollback")
 VARIANTS = ("direct", "graygate", "nginx")
 # A returning user: graygate hashes its cohort cookie, nginx's split_clients reads the same.
@@ -108,21 +116,26 @@ class Bench:
         start_upstream(self.procs, "green", self.green_port, self.load_cpu)
 
     def start_proxies(
-        self, variants: list[str]
+        self, variants: list[str], tls: bool = False
     ) -> tuple[dict[str, tuple[str, int | None]], dict[str, str]]:
-        """variant -> (base URL, pid to measure); and variant -> why it is unavailable."""
+        """variant -> (base URL, pid to measure); and variant -> why it is unavailable.
+        With `tls`, both proxies listen with HTTPS on one certificate made for this run."""
         out: dict[str, tuple[str, int | None]] = {}
         missing: dict[str, str] = {}
+        files = make_certificate(self.work) if tls else None
+        scheme = "https" if tls else "http"
         for v in variants:
-            if v == "direct":
+            if v == "direct" and tls:
+                missing[v] = "the upstreams speak plain HTTP"
+            elif v == "direct":
                 out[v] = (f"http://127.0.0.1:{self.blue_port}", None)
             elif v == "nginx":
                 port = free_port()
                 proc = start_nginx_proxy(
-                    self.procs, port, self.blue_port, self.green_port, self.proxy_cpu
+                    self.procs, port, self.blue_port, self.green_port, self.proxy_cpu, files
                 )
                 self.proxies.append(proc)
-                out[v] = (f"http://127.0.0.1:{port}", proc.pid)
+                out[v] = (f"{scheme}://127.0.0.1:{port}", proc.pid)
             elif v == "graygate":
                 if self.gg_cmd is None:
                     missing[v] = "no graygate command found"
@@ -132,6 +145,7 @@ class Bench:
                     free_port(),
                     f"http://127.0.0.1:{self.blue_port}",
                     f"http://127.0.0.1:{self.green_port}",
+                    tls=files,
                 )
                 try:
                     proc = start_graygate(self.procs, self.gg_cmd, cfg, self.proxy_cpu)
@@ -139,7 +153,7 @@ class Bench:
                     missing[v] = str(exc)[:2000]
                     continue
                 self.proxies.append(proc)
-                out[v] = (f"http://127.0.0.1:{cfg.port}", proc.pid)
+                out[v] = (f"{scheme}://127.0.0.1:{cfg.port}", proc.pid)
         return out, missing
 
     def stop_proxies(self) -> None:
@@ -236,7 +250,7 @@ class Bench:
                 f"({self.nginx_max:.0f} req/s); our asyncio generator, latency from scheduled send "
                 "time (coordinated-omission corrected), 64 connections, 5 B"
             )
-        variants, missing = self.start_proxies(self.args.variants)
+        variants, missing = self.start_proxies(self.args.variants, tls=scenario in TLS_SCENARIOS)
         if missing:
             entry["note"] = "; ".join(
                 f"{v} unavailable: {why.splitlines()[0]}" for v, why in missing.items()

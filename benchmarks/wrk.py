@@ -48,7 +48,7 @@ def run_wrk(
     cpu: int | None = None,
     threads: int = 1,
 ) -> dict[str, object]:
-    if not url.startswith(("http://127.", "http://localhost")):
+    if not url.startswith(("http://127.", "http://localhost", "https://127.", "https://localhost")):
         raise ValueError(f"wrk targets loopback only, got {url}")
     wrk = require_tool("wrk")
     argv = [*pin(cpu), wrk, "-t", str(threads), "-c", str(connections)]

@@ -13,6 +13,7 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -21,7 +22,8 @@ from aiohttp import web
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.controller import Controller
-from proxy.control.metrics import make_registry
+from proxy.control.metrics import NotificationCollector, make_registry
+from proxy.control.notify import Notifier
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
@@ -29,6 +31,7 @@ from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import Gateway
+from proxy.dataplane.tls import reload_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class App:
         self.data_address = ""
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
+        self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
+        self.notifier: Notifier | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -79,6 +84,10 @@ class App:
                 raise StartupError(str(exc)) from exc
         states, events = loaded if loaded is not None else ({}, [])
         self.events = EventLog(events)
+        # Webhooks (notifications:): queued per receiver, never awaited by whoever appends.
+        self.notifier = Notifier(config.notifications)
+        self.notifier.start()
+        self.events.subscribe(self.notifier.offer)
         self.store = PolicyStore(config, merge_states(config, states))
         if backend is not None:
             self.redis = RedisSync(backend, self.store, self.events)
@@ -87,6 +96,14 @@ class App:
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
         listen = config.listen
+        tls_options: dict[str, Any] = {}
+        if config.listen_tls is not None:
+            try:
+                self.tls = server_context(config.listen_tls)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from exc
+            # A handshake is part of the request head's time: the same bound applies.
+            tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         try:
             self.server = await loop.create_server(
                 self.gateway.protocol,
@@ -94,6 +111,7 @@ class App:
                 listen.port,
                 backlog=4096,
                 reuse_address=True,
+                **tls_options,
             )
         except OSError as exc:
             raise StartupError(f"listen: cannot bind {listen}: {exc}") from exc
@@ -103,6 +121,7 @@ class App:
             lambda: self.store.policy,
             lambda: self.gateway.upstreams.endpoint_states(loop.time()),
         )
+        registry.register(NotificationCollector(self.notifier.rows))
         ctx = AdminContext(
             store=self.store,
             persist=self.persist,
@@ -143,7 +162,8 @@ class App:
         gc.collect()
         gc.freeze()
         logger.info(
-            "graygate serving on http://%s, admin on http://%s, routes: %s",
+            "graygate serving on %s://%s, admin on http://%s, routes: %s",
+            "https" if self.tls is not None else "http",
             self.data_address,
             self.admin_address,
             ", ".join(r.name for r in config.routes),
@@ -166,8 +186,17 @@ class App:
     async def reload(self) -> None:
         """Apply a new config file atomically; raises ConfigError and keeps the old one."""
         config = load_config(self.config_path)
-        if config.listen != self.config.listen or config.admin.listen != self.config.admin.listen:
+        if (
+            config.listen != self.config.listen
+            or config.admin.listen != self.config.admin.listen
+            or (config.listen_tls is None) != (self.tls is None)
+        ):
             logger.warning("reload: listen addresses changed; they apply at the next restart")
+        if self.tls is not None and config.listen_tls is not None:
+            # New handshakes get the new certificate; open connections keep theirs.
+            reload_context(self.tls, config.listen_tls)  # ConfigError: the old one stays
+        if self.notifier is not None:
+            await self.notifier.reconfigure(config.notifications)
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
         self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
@@ -196,6 +225,8 @@ class App:
         await self.gateway.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.notifier is not None:
+            await self.notifier.close()  # what is still queued is dropped (and counted)
         with contextlib.suppress(OSError):
             self.persist()
         if self.redis is not None:
@@ -274,6 +305,8 @@ async def _close_partial(app: App) -> None:
         app.server.close()
     if app.admin_runner is not None:
         await app.admin_runner.cleanup()
+    if app.notifier is not None:
+        await app.notifier.close()
     gateway = getattr(app, "gateway", None)
     if gateway is not None:
         await gateway.close()

@@ -16,7 +16,9 @@ import uvloop
 
 from proxy import __version__
 from proxy.control import ctl
+from proxy.control.logs import LOG_FORMATS, configure
 from proxy.core.config import ConfigError, describe, load_config
+from proxy.dataplane.tls import server_context
 
 logger = logging.getLogger("proxy")
 
@@ -37,6 +39,8 @@ def _serve(ns: argparse.Namespace) -> int:
 def _check(ns: argparse.Namespace) -> int:
     try:
         config = load_config(ns.config)
+        if config.listen_tls is not None:
+            server_context(config.listen_tls)  # the files exist, parse, and the key fits
     except ConfigError as exc:
         print(f"graygate: {ns.config}: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GRAYGATE_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("GRAYGATE_LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text (default) or json: one object per line, the access log too",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gateway")
@@ -144,11 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=ns.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(ns.log_level, ns.log_format)
     if ns.func in (_serve, _check, _demo, _sample):
         return int(ns.func(ns))
     return int(_run(ns.func(ns)))

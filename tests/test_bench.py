@@ -86,6 +86,24 @@ def test_harness_quick_end_to_end(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
+def test_tls_scenario_configs_are_valid(tmp_path: Path) -> None:
+    import yaml
+
+    from benchmarks.procs import NGINX_TLS, PROXY_SERVER, GraygateConfig, graygate_yaml
+    from proxy.core.config import TlsConfig, parse_config
+
+    files = (tmp_path / "c.pem", tmp_path / "k.pem")
+    cfg = GraygateConfig(8443, 9901, "http://127.0.0.1:1", "http://127.0.0.1:2", tls=files)
+    parsed = parse_config(yaml.safe_load(graygate_yaml(cfg, tmp_path / "s.json")), env={})
+    assert parsed.listen.port == 8443
+    assert parsed.listen_tls == TlsConfig(str(files[0]), str(files[1]), "TLSv1.2")
+    tls = NGINX_TLS.format(cert=files[0], key=files[1])
+    nginx = PROXY_SERVER.format(port=8443, blue=1, green=2, ssl=" ssl", tls=tls)
+    assert "listen 127.0.0.1:8443 ssl reuseport" in nginx
+    assert f"ssl_certificate {files[0]};" in nginx
+    assert "ssl" not in PROXY_SERVER.format(port=1, blue=1, green=2, ssl="", tls="")
+
+
 def test_ratio_is_median_of_pairwise_ratios() -> None:
     a = [{"rps": 10.0}, {"rps": 30.0}, {"rps": 20.0}]
     b = [{"rps": 20.0}, {"rps": 30.0}, {"rps": 10.0}]

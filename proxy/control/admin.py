@@ -357,6 +357,14 @@ def _commit(
         current.revision,
         stored.revision,
         reason,
+        extra={
+            "route": route,
+            "action": action,
+            "actor": actor,
+            "reason": reason,
+            "revision": stored.revision,
+            "state": stored.to_json(),
+        },
     )
     return _json({"route": route, "state": stored.to_json()}, headers=_etag(stored))
 
@@ -628,7 +636,12 @@ async def _reload(request: web.Request) -> web.Response:
     actor, reason = _actor(request), _reason(request)
     ctx.events.append(None, actor, "reload", {"routes": before}, {"routes": after}, reason)
     ctx.persist()
-    logger.info("config reloaded by %s: routes %s", actor, ", ".join(after) or "(none)")
+    logger.info(
+        "config reloaded by %s: routes %s",
+        actor,
+        ", ".join(after) or "(none)",
+        extra={"action": "reload", "actor": actor, "reason": reason, "routes": after},
+    )
     return _json({"status": "reloaded", "routes": list(after)})
 
 

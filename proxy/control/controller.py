@@ -1,18 +1,22 @@
 """The rollout controller loop: every route's `interval` it judges the window of the
-local metrics source and applies core.rollout.decide through the policy store.
+local metrics source and applies core.rollout.decide through the policy store. A step that
+a rollout gate must confirm waits for the gate's answer (control/gates.py); the loop never
+does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
+from proxy.control.gates import GateAnswer, GateKeeper
 from proxy.control.store.events import EventLog
 from proxy.core.analysis import Sample, verdict
 from proxy.core.config import RouteConfig
-from proxy.core.rollout import Decision, decide
+from proxy.core.rollout import Decision, decide, gate_for, hold_at_gate
 from proxy.core.state import PolicyStore, RouteState
 from proxy.core.stats import Stats
 
@@ -44,16 +48,20 @@ class Controller:
         # Shared state (redis): only the replica holding the lease may step rollouts.
         self.should_run = should_run
         self._marks: dict[str, tuple[float, float]] = {}  # route -> (step_started, last judged)
+        self.gates = GateKeeper()  # rollout.gates: webhook calls the loop never awaits
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick)
-            if self.should_run is not None and not self.should_run():
-                continue
-            try:
-                self.step_all()
-            except Exception:
-                logger.exception("rollout controller tick failed")
+        try:
+            while True:
+                await asyncio.sleep(self.tick)
+                if self.should_run is not None and not self.should_run():
+                    continue
+                try:
+                    self.step_all()
+                except Exception:
+                    logger.exception("rollout controller tick failed")
+        finally:
+            await self.gates.close()
 
     def step_all(self) -> None:
         now = self.clock()
@@ -61,6 +69,14 @@ class Controller:
             ro = rp.state.rollout
             if ro.phase != "progressing" or ro.canary is None:
                 self._marks.pop(rp.name, None)
+                self.gates.forget(rp.name)
+                continue
+            # --- rollout gates: a call in flight holds the route; an answer is applied now
+            if self.gates.busy(rp.name):
+                continue
+            answer = self.gates.take(rp.name)
+            if answer is not None:
+                self.answer_gate(rp.config, rp.state, answer, now)
                 continue
             started, judged = self._marks.get(rp.name, (None, 0.0))
             if started != ro.step_started:
@@ -84,16 +100,51 @@ class Controller:
         )
         self.stats.count_verdict(route.name, judgement.verdict)
         decision = decide(route, state, judgement, now)
+        gate = gate_for(route, decision)
+        if gate is not None:  # nothing changes until the gate answers (answer_gate)
+            self.gates.ask(route, state, gate, judgement, decision)
+            self._marks[route.name] = (state.rollout.step_started, now)
+            return decision
+        self.apply(route, state, decision, now)
+        return decision
+
+    def answer_gate(
+        self, route: RouteConfig, state: RouteState, answer: GateAnswer, now: float
+    ) -> None:
+        if answer.revision != state.revision:
+            return  # the state moved meanwhile (an operator acted): judge afresh
+        if answer.approved:
+            decision = decide(route, state, answer.judgement, now)
+        else:
+            decision = hold_at_gate(
+                state, answer.gate, answer.status, answer.error, answer.judgement, now
+            )
+        figures = {**decision.figures, "gate": answer.to_json()}
+        self.apply(route, state, dataclasses.replace(decision, figures=figures), now)
+
+    def apply(self, route: RouteConfig, state: RouteState, decision: Decision, now: float) -> None:
         new = self.store.replace(route.name, decision.state, expected_revision=state.revision)
         self._marks[route.name] = (new.rollout.step_started, now)
         self.persist_event(route.name, state, new, decision)
-        return decision
 
     def persist_event(
         self, route: str, before: RouteState, after: RouteState, decision: Decision
     ) -> None:
         log = logger.info if decision.action not in ("hold", "none") else logger.debug
-        log("rollout %s: %s (%s)", route, decision.action, decision.message)
+        log(
+            "rollout %s: %s (%s)",
+            route,
+            decision.action,
+            decision.message,
+            extra={
+                "route": route,
+                "action": f"rollout.{decision.action}",
+                "actor": "rollout-controller",
+                "revision": after.revision,
+                "state": after.to_json(),
+                "figures": decision.figures,
+            },
+        )
         self.events.append(
             route,
             "rollout-controller",

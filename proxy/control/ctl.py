@@ -101,7 +101,12 @@ def _weights(w: dict[str, int]) -> str:
 def _rollout(r: dict[str, Any]) -> str:
     state = str(r.get("state", "idle"))
     if state in ("progressing", "paused"):
-        return f"{state} {r.get('canary')} step {int(r.get('step', -1)) + 1}"
+        text = f"{state} {r.get('canary')} step {int(r.get('step', -1)) + 1}"
+        gate = r.get("paused_by_gate")
+        if isinstance(gate, dict):
+            answer = gate.get("status") or gate.get("error")
+            text += f", held by gate {gate.get('gate')} ({answer})"
+        return text
     if state in ("promoted", "rolled_back") and r.get("canary"):
         return f"{state} {r.get('canary')}"
     return state

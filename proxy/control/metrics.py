@@ -195,3 +195,53 @@ def make_registry(
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+# --- webhook notifications (control/notify.py) -----------------------------------------------
+
+NOTIFICATIONS_DELIVERED = "graygate_notifications_delivered_total"
+NOTIFICATIONS_FAILED = "graygate_notifications_failed_total"
+NOTIFICATIONS_DROPPED = "graygate_notifications_dropped_total"
+
+
+class NotificationCounts(Protocol):
+    delivered: int
+    failed: int
+    dropped: int
+
+
+class NotificationCollector(Collector):
+    """Per `notifications[].name`: events delivered, given up after every retry, and
+    dropped (queue full, or still queued at a reload or shutdown)."""
+
+    def __init__(self, get_rows: Callable[[], Iterable[tuple[str, NotificationCounts]]]) -> None:
+        self._get_rows = get_rows
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        labels = ("notification",)
+        return (
+            CounterMetricFamily(
+                NOTIFICATIONS_DELIVERED, "Events a webhook answered 2xx to.", labels=labels
+            ),
+            CounterMetricFamily(
+                NOTIFICATIONS_FAILED,
+                "Events not delivered after every retry (no 2xx answer).",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                NOTIFICATIONS_DROPPED,
+                "Events dropped undelivered: queue full, or still queued at a reload or shutdown.",
+                labels=labels,
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        delivered, failed, dropped = self._families()
+        for name, counts in self._get_rows():
+            delivered.add_metric((name,), counts.delivered)
+            failed.add_metric((name,), counts.failed)
+            dropped.add_metric((name,), counts.dropped)
+        yield from (delivered, failed, dropped)

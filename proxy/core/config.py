@@ -29,6 +29,12 @@ OnFailure = Literal["rollback", "pause"]
 ON_FAILURE: tuple[OnFailure, ...] = ("rollback", "pause")
 ForwardedFor = Literal["append", "replace"]
 FORWARDED_FOR: tuple[ForwardedFor, ...] = ("append", "replace")
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
+NotifyFormat = Literal["json", "slack"]
+NOTIFY_FORMATS: tuple[NotifyFormat, ...] = ("json", "slack")
+GateName = Literal["confirm_step", "confirm_promotion"]
+GATE_NAMES: tuple[GateName, ...] = ("confirm_step", "confirm_promotion")
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,21 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    url: str  # http(s) URL the controller POSTs the rollout's figures to; 2xx = go on
+    timeout: float = 5.0  # no answer within this holds the step, like a refusal
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    confirm_step: GateConfig | None = None  # asked before each controller-driven step
+    confirm_promotion: GateConfig | None = None  # asked before the controller promotes
+
+    def get(self, name: GateName) -> GateConfig | None:
+        return self.confirm_step if name == "confirm_step" else self.confirm_promotion
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     steps: tuple[Step, ...] = (
         WeightStep(5),
@@ -147,6 +168,7 @@ class RolloutConfig:
     failure_limit: int = 2
     on_failure: OnFailure = "rollback"
     max_inconclusive: int = 10
+    gates: GatesConfig = field(default_factory=GatesConfig)
 
 
 @dataclass(frozen=True)
@@ -208,8 +230,27 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert: str  # PEM file: the certificate, then its intermediates (nginx ssl_certificate)
+    key: str  # PEM file: its private key, unencrypted
+    min_version: TlsVersion = "TLSv1.2"
+
+
+@dataclass(frozen=True)
+class NotificationConfig:
+    name: str  # metric label; defaults to the index in the list
+    url: str  # http(s) webhook; only its scheme and host are ever logged
+    events: tuple[str, ...] = ("*",)  # fnmatch patterns on event actions: "rollout.*"
+    format: NotifyFormat = "json"
+    timeout: float = 5.0  # per attempt
+    retries: int = 3  # attempts after the first
+    backoff: float = 1.0  # wait before the first retry; doubles each time, capped at 30s
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
+    listen_tls: TlsConfig | None = None  # `listen: {address, tls}`: HTTPS on the listener
     admin: AdminConfig = field(default_factory=AdminConfig)
     state: StateConfig = field(default_factory=StateConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -221,6 +262,7 @@ class Config:
     grace_period: float = 30.0  # SIGTERM drain time
     workers: int = 1
     access_log: bool = False
+    notifications: tuple[NotificationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     source: str | None = None  # the file path it was loaded from
 
@@ -555,6 +597,7 @@ _TOP_KEYS = (
     "grace_period",
     "workers",
     "access_log",
+    "notifications",
     "routes",
 )
 _ROUTE_KEYS = (
@@ -698,6 +741,103 @@ def _version_header(value: object, path: str) -> str | None:
     if value is True:
         return Config().version_header
     return _token(value, path, "header name")
+
+
+# --- listener TLS, notifications, rollout gates ------------------------------------------------
+
+
+def _listen(value: object, path: str) -> tuple[Address, TlsConfig | None]:
+    """`listen: "host:port"`, or `listen: {address: "host:port", tls: {cert, key}}`."""
+    if not isinstance(value, dict):
+        if not isinstance(value, str):
+            _fail(
+                path,
+                'must be a string "host:port" (quote it in YAML) or a mapping '
+                '{address: "host:port", tls: {cert, key}}',
+                value,
+            )
+        return parse_address(value, path), None
+    t = _table(value, path, ("address", "tls"), ("address",))
+    address = parse_address(t["address"], _key(path, "address"))
+    if t.get("tls") is None:
+        return address, None
+    tpath = _key(path, "tls")
+    tls = _table(t["tls"], tpath, ("cert", "key", "min_version"), ("cert", "key"))
+    return address, TlsConfig(
+        cert=_str(tls["cert"], _key(tpath, "cert")),
+        key=_str(tls["key"], _key(tpath, "key")),
+        min_version=_choice(
+            tls.get("min_version", "TLSv1.2"), _key(tpath, "min_version"), TLS_VERSIONS
+        ),
+    )
+
+
+def _webhook_url(value: object, path: str) -> str:
+    help_ = 'must be an http:// or https:// URL with a host, e.g. "https://hooks.example.com/x"'
+    text = _str(value, path).strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail(path, help_, value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(path, help_, value)
+    return text
+
+
+_EVENT_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+
+
+def _notifications(value: object, path: str) -> tuple[NotificationConfig, ...]:
+    if value is None:
+        return ()
+    keys = tuple(f for f in NotificationConfig.__dataclass_fields__)
+    d = NotificationConfig("", "")
+    out: list[NotificationConfig] = []
+    for i, item in enumerate(_list(value, path, "webhooks {url, events, format, ...}")):
+        p = f"{path}[{i}]"
+        t = _table(item, p, keys, ("url",))
+        name = _name(t.get("name", str(i)), _key(p, "name"))
+        if any(n.name == name for n in out):
+            _fail(_key(p, "name"), "duplicate notification name", name)
+        epath = _key(p, "events")
+        patterns = _list(t.get("events", list(d.events)), epath, 'patterns like "rollout.*"')
+        if not patterns:
+            _fail(epath, 'must list at least one pattern ("*" for every event)')
+        events = []
+        for j, pat in enumerate(patterns):
+            text = _str(pat, f"{epath}[{j}]")
+            if not _EVENT_PATTERN.fullmatch(text):
+                _fail(f"{epath}[{j}]", 'must be an event action or a glob like "rollout.*"', pat)
+            events.append(text)
+        out.append(
+            NotificationConfig(
+                name=name,
+                url=_webhook_url(t["url"], _key(p, "url")),
+                events=tuple(events),
+                format=_choice(t.get("format", d.format), _key(p, "format"), NOTIFY_FORMATS),
+                timeout=_positive_duration(t.get("timeout", d.timeout), _key(p, "timeout")),
+                retries=_int(t.get("retries", d.retries), _key(p, "retries"), 0, 10),
+                backoff=_positive_duration(t.get("backoff", d.backoff), _key(p, "backoff")),
+            )
+        )
+    return tuple(out)
+
+
+def _gates(value: object, path: str) -> GatesConfig:
+    t = _table(value, path, GATE_NAMES)
+    gates: dict[str, GateConfig | None] = {}
+    for name in GATE_NAMES:
+        if t.get(name) is None:
+            gates[name] = None
+            continue
+        p = _key(path, name)
+        g = _table(t[name], p, ("url", "timeout"), ("url",))
+        gates[name] = GateConfig(
+            url=_webhook_url(g["url"], _key(p, "url")),
+            timeout=_positive_duration(g.get("timeout", 5.0), _key(p, "timeout")),
+        )
+    return GatesConfig(**gates)
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -954,7 +1094,15 @@ def _rollout(value: object, path: str) -> RolloutConfig:
     t = _table(
         value,
         path,
-        ("steps", "interval", "analysis", "failure_limit", "on_failure", "max_inconclusive"),
+        (
+            "steps",
+            "interval",
+            "analysis",
+            "failure_limit",
+            "on_failure",
+            "max_inconclusive",
+            "gates",
+        ),
     )
     d = RolloutConfig()
     return RolloutConfig(
@@ -966,6 +1114,7 @@ def _rollout(value: object, path: str) -> RolloutConfig:
         max_inconclusive=_int(
             t.get("max_inconclusive", d.max_inconclusive), _key(path, "max_inconclusive"), 1
         ),
+        gates=_gates(t.get("gates"), _key(path, "gates")),
     )
 
 
@@ -1028,8 +1177,10 @@ def parse_config(
                 )
         routes.append(route)
     via = _token(tree.get("via", d.via), "via", "Via pseudonym")
+    listen, listen_tls = _listen(tree["listen"], "listen") if "listen" in tree else (d.listen, None)
     return Config(
-        listen=parse_address(tree["listen"], "listen") if "listen" in tree else d.listen,
+        listen=listen,
+        listen_tls=listen_tls,
         admin=_admin(tree.get("admin"), "admin"),
         state=_state(tree.get("state"), "state"),
         timeouts=_timeouts(tree.get("timeouts"), "timeouts"),
@@ -1045,6 +1196,7 @@ def parse_config(
         grace_period=parse_duration(tree.get("grace_period", d.grace_period), "grace_period"),
         workers=_int(tree.get("workers", d.workers), "workers", 1, 256),
         access_log=_bool(tree.get("access_log", d.access_log), "access_log"),
+        notifications=_notifications(tree.get("notifications"), "notifications"),
         routes=tuple(routes),
         source=source,
     )
@@ -1111,14 +1263,23 @@ def _describe_step(step: Step) -> str:
 def describe(config: Config) -> str:
     """The resolved config as `graygate check` prints it."""
     token = "token set" if config.admin.token else "no token"
+    tls = config.listen_tls
+    https = f" (https, {tls.min_version}+, cert {tls.cert})" if tls is not None else ""
     lines = [
-        f"listen {config.listen}, admin {config.admin.listen} ({token})",
+        f"listen {config.listen}{https}, admin {config.admin.listen} ({token})",
         f"state {config.state.backend} "
         + (config.state.path if config.state.backend == "file" else config.state.redis_url),
         f"timeouts connect {format_duration(config.timeouts.connect)}, "
         f"read {format_duration(config.timeouts.read)}, "
         f"request {format_duration(config.timeouts.request)}; workers {config.workers}",
     ]
+    for n in config.notifications:
+        where = urllib.parse.urlsplit(n.url)
+        lines.append(
+            f"notification {n.name}: {n.format} to {where.scheme}://{where.netloc.rpartition('@')[2]}"
+            f" on {', '.join(n.events)} (timeout {format_duration(n.timeout)}, "
+            f"{n.retries} retries)"
+        )
     for r in config.routes:
         lines.append(f"route {r.name}: host {r.match.host} path_prefix {r.match.path_prefix}")
         for v in r.versions:
@@ -1142,4 +1303,9 @@ def describe(config: Config) -> str:
             f"  rollout: steps {steps} every {format_duration(ro.interval)}; "
             f"min_samples {ro.analysis.min_samples}, on_failure {ro.on_failure}"
         )
+        for gate in GATE_NAMES:
+            g = ro.gates.get(gate)
+            if g is not None:
+                host = urllib.parse.urlsplit(g.url).netloc.rpartition("@")[2]
+                lines.append(f"  gate {gate}: {host} (timeout {format_duration(g.timeout)})")
     return "\n".join(lines)

@@ -111,6 +111,7 @@ def request_head(
     upgrade: bool = False,
     chunked: bool = False,
     replace_for: bool = False,
+    scheme: bytes = b"http",
 ) -> bytes:
     """The head graygate sends upstream for a client request.
 
@@ -118,8 +119,9 @@ def request_head(
     value); keeps Host as sent (or `default_host` when the client sent none).
     X-Forwarded-For is the incoming chain (every line, in order) plus `client_ip`, as
     nginx's $proxy_add_x_forwarded_for and Envoy do: only the last entry is graygate's
-    word. `replace_for` drops an untrusted peer's chain. X-Forwarded-Proto and -Host are
-    graygate's own unless the peer is `trusted`. Via gets `via` appended.
+    word. `replace_for` drops an untrusted peer's chain. X-Forwarded-Host is graygate's
+    own unless the peer is `trusted`; X-Forwarded-Proto is the listener's `scheme` unless
+    a trusted proxy sent one. Via gets `via` appended.
 
     >>> head = request_head(b"GET", b"/", [(b"host", b"a"), (b"x-forwarded-for", b"6.6.6.6")],
     ...     None, b"10.0.0.1", False, b"1.1 graygate", b"up:80")
@@ -163,7 +165,7 @@ def request_head(
         b"x-forwarded-for: ",
         b", ".join(chain),
         b"\r\nx-forwarded-proto: ",
-        proto or b"http",
+        proto or scheme,
         b"\r\nx-forwarded-host: ",
         fhost if fhost is not None else host,
         b"\r\nvia: ",

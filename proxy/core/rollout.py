@@ -1,6 +1,7 @@
 """Rollout decisions: `decide` (pure: route state + verdict + now -> new state and the
-action taken) and the pure manual gates (start, pause, resume, promote, abort, rollback).
-The loop that applies them is control/controller.py; revisions are the store's job.
+action taken), the pure manual gates (start, pause, resume, promote, abort, rollback) and
+the webhook gates' part (`gate_for`, `hold_at_gate`). The loop that applies them is
+control/controller.py; revisions are the store's job.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.core.analysis import Judgement
-from proxy.core.config import PauseStep, RouteConfig, Step, WeightStep
+from proxy.core.config import GateName, PauseStep, RouteConfig, Step, WeightStep
 from proxy.core.state import PolicyError, RolloutStatus, RouteState
 
-Action = Literal["none", "hold", "advance", "pause", "resume", "promote", "rollback", "fail"]
+Action = Literal[
+    "none", "hold", "advance", "pause", "resume", "promote", "rollback", "fail", "gate_hold"
+]
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ def decide(
             msg = f"canary {ro.canary} failed ({failures}/{policy.failure_limit}): {why}"
             return _decision(counted, "fail", msg, judgement, now)
         if policy.on_failure == "pause":
-            new = replace(counted, rollout=replace(counted.rollout, phase="paused"))
+            new = replace(
+                counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+            )
             msg = f"canary {ro.canary} failed {failures} windows, rollout paused: {why}"
             return _decision(new, "pause", msg, judgement, now)
         new = _rolled_back(counted)
@@ -103,11 +108,54 @@ def decide(
     counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
     what = "too few samples" if judgement is not None else "no window"
     if inconclusive >= policy.max_inconclusive:
-        new = replace(counted, rollout=replace(counted.rollout, phase="paused"))
+        new = replace(
+            counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+        )
         msg = f"{what} for {inconclusive} windows, rollout paused"
         return _decision(new, "pause", msg, judgement, now)
     msg = f"{what} ({inconclusive}/{policy.max_inconclusive}), holding at {step.weight}%"
     return _decision(counted, "hold", msg, judgement, now)
+
+
+def gate_for(route: RouteConfig, decision: Decision) -> GateName | None:
+    """The webhook gate that must answer 2xx before `decision` is applied, if any: a step
+    forward asks `confirm_step`, a promotion `confirm_promotion`. Manual calls are never
+    gated (the operator is the gate)."""
+    name: GateName
+    if decision.action == "advance":
+        name = "confirm_step"
+    elif decision.action == "promote":
+        name = "confirm_promotion"
+    else:
+        return None
+    return name if route.rollout.gates.get(name) is not None else None
+
+
+def hold_at_gate(
+    state: RouteState,
+    gate: GateName,
+    status: int | None,
+    error: str | None,
+    judgement: Judgement | None,
+    now: float,
+) -> Decision:
+    """`gate` refused (`status`, not 2xx) or gave no answer (`error`): stay at the step and
+    never fail. The window had passed, so the failure and inconclusive counts clear; the
+    next window that passes asks the gate again."""
+    ro = state.rollout
+    since = ro.paused_by_gate.get("since", now) if ro.paused_by_gate else now
+    held = replace(
+        state,
+        rollout=replace(
+            ro,
+            failures=0,
+            inconclusive=0,
+            paused_by_gate={"gate": gate, "status": status, "error": error, "since": since},
+        ),
+    )
+    answer = f"answered {status}" if status is not None else f"gave no answer ({error})"
+    msg = f"{gate} gate {answer}; holding at step {ro.step}"
+    return _decision(held, "gate_hold", msg, judgement, now)
 
 
 def start(
@@ -142,7 +190,7 @@ def start(
 def pause(state: RouteState) -> RouteState:
     if state.rollout.phase != "progressing":
         raise _conflict(f"cannot pause: rollout is {state.rollout.phase}")
-    return replace(state, rollout=replace(state.rollout, phase="paused"))
+    return replace(state, rollout=replace(state.rollout, phase="paused", paused_by_gate=None))
 
 
 def resume(state: RouteState, now: float) -> RouteState:
@@ -191,7 +239,7 @@ def _enter(state: RouteState, steps: tuple[Step, ...], index: int, now: float) -
     """Enter step `index` with its weight (a pause keeps the current one); past the end: promote."""
     if index >= len(steps):
         return _promoted(state, now)
-    ro = replace(state.rollout, steps=steps, step=index, step_started=now)
+    ro = replace(state.rollout, steps=steps, step=index, step_started=now, paused_by_gate=None)
     step = steps[index]
     weights = state.weights
     canary = ro.canary
@@ -214,6 +262,7 @@ def _promoted(state: RouteState, now: float) -> RouteState:
         canary=None,
         step=len(state.rollout.steps),
         step_started=now,
+        paused_by_gate=None,
     )
     return replace(
         state,
@@ -226,7 +275,8 @@ def _promoted(state: RouteState, now: float) -> RouteState:
 
 def _rolled_back(state: RouteState) -> RouteState:
     weights = _split(state, state.stable, 100)
-    return replace(state, weights=weights, rollout=replace(state.rollout, phase="rolled_back"))
+    ro = replace(state.rollout, phase="rolled_back", paused_by_gate=None)
+    return replace(state, weights=weights, rollout=ro)
 
 
 def _split(state: RouteState, version: str, weight: int) -> tuple[tuple[str, int], ...]:

@@ -57,6 +57,9 @@ class RolloutStatus:
     failures: int = 0  # consecutive failed windows
     inconclusive: int = 0  # consecutive need_more_samples windows
     last_verdict: dict[str, object] | None = None  # figures of the last decision
+    # Set while a rollout gate (rollout.gates) refused or did not answer: {gate, status,
+    # error, at}; the step is held, never failed. Cleared when a step is entered.
+    paused_by_gate: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
         "failures": r.failures,
         "inconclusive": r.inconclusive,
         "last_verdict": r.last_verdict,
+        "paused_by_gate": r.paused_by_gate,
     }
 
 
@@ -120,6 +124,7 @@ def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
         raise ValueError(f"unknown rollout state {phase!r}")
     canary = d.get("canary")
     verdict = d.get("last_verdict")
+    gate = d.get("paused_by_gate")
     return RolloutStatus(
         phase=phase,
         canary=str(canary) if canary is not None else None,
@@ -129,6 +134,7 @@ def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
         failures=_int(d.get("failures"), 0),
         inconclusive=_int(d.get("inconclusive"), 0),
         last_verdict=dict(verdict) if isinstance(verdict, dict) else None,
+        paused_by_gate=dict(gate) if isinstance(gate, dict) else None,
     )
 
 

@@ -157,6 +157,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self.client_ip = ""
         self.client_ip_bytes = b""
+        self.scheme = b"http"  # b"https" on a TLS listener: X-Forwarded-Proto
         self.trusted = False
         self.closed = False
         self.closing = False  # close() was called; nothing more is answered
@@ -198,6 +199,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_ip = ip
         self.client_ip_bytes = self.client_ip.encode()
         self.trusted = is_trusted(self.client_ip, self.gw.trusted)
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
         self.gw.connections.add(self)
         self.arm(self.gw.config.timeouts.client_header)
 
@@ -272,7 +275,9 @@ class DownstreamProtocol(asyncio.Protocol):
             ex.client_lost()
         if not self.queue:
             self.close()
-        return True
+        # TLS has no half-close: after the client's close_notify the transport shuts down
+        # whatever we answer (and asyncio warns when asked to keep it open).
+        return None if self.scheme == b"https" else True
 
     def pause_writing(self) -> None:
         self.writing_paused = True

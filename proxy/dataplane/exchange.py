@@ -354,6 +354,7 @@ class Exchange:
             self.upgrade,
             self.chunked,
             gw.replace_for,
+            down_.scheme,
         )
         self.attempt(ep)
 
@@ -801,16 +802,23 @@ class Exchange:
         if down.trusted:  # behind a trusted proxy: the client it names (README, "addresses")
             chain = [v for n, v in self.headers if n == XFF]
             client = client_address(client, chain, self.gw.trusted)
+        # One mapping argument: the text line is formatted from it, and --log-format json
+        # emits its keys as fields.
         access_logger.info(
-            "%s %s %s %d route=%s version=%s reason=%s %.1fms",
-            client,
-            self.method.decode("latin-1"),
-            self.path,
-            status,
-            rr.policy.name if rr is not None else "-",
-            self.version or "-",
-            self.reason or "-",
-            (perf_counter() - self.started) * 1000 if self.started else 0.0,
+            "%(client)s %(method)s %(path)s %(status)d route=%(route)s version=%(version)s "
+            "reason=%(reason)s %(duration_ms).1fms",
+            {
+                "client": client,
+                "method": self.method.decode("latin-1"),
+                "path": self.path,
+                "status": status,
+                "route": rr.policy.name if rr is not None else "-",
+                "version": self.version or "-",
+                "reason": self.reason or "-",
+                "duration_ms": round((perf_counter() - self.started) * 1000, 3)
+                if self.started
+                else 0.0,
+            },
         )
 
     # -- flow control from the downstream side ------------------------------------------------
