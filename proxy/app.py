@@ -40,11 +40,18 @@ class StartupError(Exception):
 
 
 class App:
+    """Owns every resource of one graygate process. start() builds them in one place and
+    pushes each one's closing step on one AsyncExitStack, so a failure part-way closes
+    what was opened in reverse order, and shutdown() drains, then unwinds the same stack.
+    """
+
     def __init__(self, config_path: str, config: Config, reset_state: bool = False) -> None:
         self.config_path = config_path
         self.config = config
         self.reset_state = reset_state
         self.draining = False
+        self.serving = False  # start() finished: the final save at close is meaningful
+        self.stack = contextlib.AsyncExitStack()
         self.tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
         self.admin_runner: web.AppRunner | None = None
@@ -53,6 +60,26 @@ class App:
         self.redis: RedisSync | None = None  # set when state.backend is redis
 
     async def start(self) -> None:
+        """Raises StartupError (one line naming the cause); nothing stays open then."""
+        try:
+            await self._open()
+        except BaseException as exc:
+            await self.stack.aclose()
+            if isinstance(exc, OSError):
+                raise StartupError(f"unexpected system error: {exc}") from exc
+            raise
+        self.serving = True
+        # Start-up objects live forever: keep them out of every later GC pass.
+        gc.collect()
+        gc.freeze()
+        logger.info(
+            "graygate serving on http://%s, admin on http://%s, routes: %s",
+            self.data_address,
+            self.admin_address,
+            ", ".join(r.name for r in self.config.routes),
+        )
+
+    async def _open(self) -> None:
         config = self.config
         try:
             check_admin_exposure(config.admin.listen.host, config.admin.token)
@@ -63,18 +90,41 @@ class App:
                 f"workers: only 1 is available in this release, got {config.workers} "
                 "(run several graygate processes behind a load balancer; see README)"
             )
+        await self._open_state()
+        self.stats = Stats.from_config(config)
+        await self._open_gateway()
+        await self._open_admin()
+        self.controller = Controller(
+            self.store,
+            self.stats,
+            self.events,
+            self.persist,
+            should_run=self.redis.holds_lease if self.redis is not None else None,
+        )
+        self._spawn(self.controller.run())
+
+    async def _open_state(self) -> None:
+        """The state backend, the event log and the policy store; the file is written once
+        here, so an unwritable path stops the start before any port is bound."""
+        config = self.config
         self.state_file = FileStateStore(config.state.path)
         loaded = None
         backend: RedisStateStore | None = None
-        if config.state.backend == "redis":  # shared by replicas; see proxy/store_redis.py
-            backend = RedisStateStore(config.state.redis_url, config.state.redis_prefix)
+        if config.state.backend == "redis":  # shared by replicas; see control/store/redis.py
+            try:
+                backend = RedisStateStore(config.state.redis_url, config.state.redis_prefix)
+            except ValueError as exc:  # redis-py refuses the URL itself (port, db, scheme)
+                raise StartupError(f"state.redis_url {config.state.redis_url}: {exc}") from exc
+            self.stack.push_async_callback(self._close_redis, backend)
             try:
                 loaded = await backend.open(reset=self.reset_state)
             except RedisStateError as exc:
                 raise StartupError(str(exc)) from exc
-        elif not self.reset_state:
+        else:
             try:
-                loaded = self.state_file.load()
+                self.state_file.check_path()
+                if not self.reset_state:
+                    loaded = self.state_file.load()
             except StateFileError as exc:
                 raise StartupError(str(exc)) from exc
         states, events = loaded if loaded is not None else ({}, [])
@@ -83,9 +133,32 @@ class App:
         if backend is not None:
             self.redis = RedisSync(backend, self.store, self.events)
             self.redis.start()
-        self.stats = Stats.from_config(config)
+        else:
+            try:
+                self.persist()
+            except OSError as exc:
+                raise StartupError(
+                    f"state.path {config.state.path}: cannot write the state file: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        self.stack.callback(self._final_save)
+
+    async def _close_redis(self, backend: RedisStateStore) -> None:
+        if self.redis is not None:
+            await self.redis.close()  # writes what is left, then closes the connections
+        else:
+            await backend.close()
+
+    def _final_save(self) -> None:
+        if self.serving:
+            with contextlib.suppress(OSError):  # logged by nobody: the store keeps the last
+                self.persist()
+
+    async def _open_gateway(self) -> None:
+        config = self.config
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
+        self.stack.push_async_callback(self.gateway.close)
         listen = config.listen
         try:
             self.server = await loop.create_server(
@@ -97,7 +170,15 @@ class App:
             )
         except OSError as exc:
             raise StartupError(f"listen: cannot bind {listen}: {exc}") from exc
+        self.stack.callback(self.server.close)
         self.data_address = _bound(self.server)
+        self._spawn(self._sweep())
+        self._spawn(self.gateway.watch())
+        self.gateway.upstreams.start_health_checks()
+
+    async def _open_admin(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
         registry = make_registry(
             self.stats,
             lambda: self.store.policy,
@@ -115,6 +196,7 @@ class App:
         )
         self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
         await self.admin_runner.setup()
+        self.stack.push_async_callback(self.admin_runner.cleanup)
         site = web.TCPSite(self.admin_runner, config.admin.listen.host, config.admin.listen.port)
         try:
             await site.start()
@@ -124,30 +206,12 @@ class App:
             f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
             for a in self.admin_runner.addresses
         )
-        self.controller = Controller(
-            self.store,
-            self.stats,
-            self.events,
-            self.persist,
-            should_run=self.redis.holds_lease if self.redis is not None else None,
-        )
-        self._spawn(self.controller.run())
-        self._spawn(self._sweep())
-        self._spawn(self.gateway.watch())
-        self.gateway.upstreams.start_health_checks()
-        self.persist()
-        # Start-up objects live forever: keep them out of every later GC pass.
-        gc.collect()
-        gc.freeze()
-        logger.info(
-            "graygate serving on http://%s, admin on http://%s, routes: %s",
-            self.data_address,
-            self.admin_address,
-            ", ".join(r.name for r in config.routes),
-        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+        """A background task owned by the stack: cancelled and awaited when it unwinds."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.append(task)
+        self.stack.push_async_callback(_cancel, task)
 
     async def _sweep(self) -> None:
         while True:
@@ -171,6 +235,9 @@ class App:
         self.config = config
 
     async def shutdown(self) -> None:
+        """The one shutdown sequence: readiness off, resign the lease, stop accepting,
+        drain up to the grace period; then the stack closes the rest in reverse order
+        (tasks, admin, pools, the final save, redis)."""
         grace = self.config.grace_period
         logger.info("shutting down: draining connections for up to %.0fs", grace)
         self.draining = True
@@ -184,19 +251,14 @@ class App:
         left = len(self.gateway.connections)
         if left:
             logger.warning("grace period over: closing %d connections", left)
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.gateway.close()
-        if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
-        with contextlib.suppress(OSError):
-            self.persist()
-        if self.redis is not None:
-            await self.redis.close()  # writes what is left, then closes the connections
+        await self.stack.aclose()
         logger.info("graygate stopped")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _bound(server: asyncio.Server) -> str:
@@ -225,7 +287,6 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
         await app.start()
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
-        await _close_partial(app)
         return 2
     reloads: set[asyncio.Task[None]] = set()
 
@@ -263,15 +324,3 @@ async def _reload_logged(app: App) -> None:
     app.events.append(None, "signal:SIGHUP", "reload", None, None, "SIGHUP")
     app.persist()
     logger.info("config reloaded on SIGHUP")
-
-
-async def _close_partial(app: App) -> None:
-    if app.server is not None:
-        app.server.close()
-    if app.admin_runner is not None:
-        await app.admin_runner.cleanup()
-    gateway = getattr(app, "gateway", None)
-    if gateway is not None:
-        await gateway.close()
-    if app.redis is not None:
-        await app.redis.close()
