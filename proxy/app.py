@@ -25,6 +25,7 @@ from proxy.control.metrics import make_registry
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.supervisor import Supervisor, SupervisorError, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
@@ -58,6 +59,7 @@ class App:
         self.data_address = ""
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
+        self.supervisor: Supervisor | None = None  # set when workers > 1
 
     async def start(self) -> None:
         """Raises StartupError (one line naming the cause); nothing stays open then."""
@@ -85,15 +87,15 @@ class App:
             check_admin_exposure(config.admin.listen.host, config.admin.token)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
-        if config.workers != 1:
-            raise StartupError(
-                f"workers: only 1 is available in this release, got {config.workers} "
-                "(run several graygate processes behind a load balancer; see README)"
-            )
         await self._open_state()
         self.stats = Stats.from_config(config)
-        await self._open_gateway()
+        if config.workers == 1:
+            await self._open_gateway()  # the data plane in this process, as always
+        else:
+            self._open_supervisor()  # the port is bound (not yet served) here
         await self._open_admin()
+        if self.supervisor is not None:
+            await self._start_workers()
         self.controller = Controller(
             self.store,
             self.stats,
@@ -176,14 +178,40 @@ class App:
         self._spawn(self.gateway.watch())
         self.gateway.upstreams.start_health_checks()
 
+    def _open_supervisor(self) -> None:
+        """workers > 1: this process supervises; the data plane runs in the workers."""
+        self.supervisor = Supervisor(self.config, self.store, self.stats, self.events, self.persist)
+        self.stack.push_async_callback(self.supervisor.close)
+        try:
+            self.supervisor.reserve()
+        except SupervisorError as exc:
+            raise StartupError(str(exc)) from exc
+        self.data_address = self.supervisor.address
+
+    async def _start_workers(self) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.start()
+        except SupervisorError as exc:
+            raise StartupError(str(exc)) from exc
+
     async def _open_admin(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        registry = make_registry(
-            self.stats,
-            lambda: self.store.policy,
-            lambda: self.gateway.upstreams.endpoint_states(loop.time()),
-        )
+        supervisor = self.supervisor
+        if supervisor is None:
+            registry = make_registry(
+                self.stats,
+                lambda: self.store.policy,
+                lambda: self.gateway.upstreams.endpoint_states(loop.time()),
+            )
+        else:
+            registry = make_registry(
+                self.stats,
+                lambda: self.store.policy,
+                supervisor.endpoint_states,
+                worker_restarts=lambda: supervisor.restarts,
+            )
         ctx = AdminContext(
             store=self.store,
             persist=self.persist,
@@ -194,7 +222,11 @@ class App:
             ready=lambda: not self.draining,
             stats=self.stats,
         )
-        self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
+        admin = make_admin_app(ctx)
+        if supervisor is not None:
+            # Innermost: a change answers 200 only once every worker applied it.
+            admin.middlewares.append(read_your_writes(self.store, supervisor.settle))
+        self.admin_runner = web.AppRunner(admin, access_log=None)
         await self.admin_runner.setup()
         self.stack.push_async_callback(self.admin_runner.cleanup)
         site = web.TCPSite(self.admin_runner, config.admin.listen.host, config.admin.listen.port)
@@ -229,6 +261,16 @@ class App:
         config = load_config(self.config_path)
         if config.listen != self.config.listen or config.admin.listen != self.config.admin.listen:
             logger.warning("reload: listen addresses changed; they apply at the next restart")
+        if config.workers != self.config.workers:
+            logger.warning("reload: workers changed; the new number applies at the next restart")
+        if self.supervisor is not None:
+            # The workers get the config with the states (one message each) and apply it
+            # whole; the file was valid, so it is every worker or, above, none.
+            self.stats.reconfigure(config)
+            self.store.reconfigure(config)
+            self.config = config
+            await self.supervisor.settle(self.store.policy.generation)
+            return
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
         self.gateway.upstreams.start_health_checks()
@@ -243,14 +285,17 @@ class App:
         self.draining = True
         if self.redis is not None:
             await self.redis.resign()  # another replica runs the controller while we drain
-        if self.server is not None:
-            self.server.close()
-        self.gateway.drain()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.gateway.drained.wait(), grace)
-        left = len(self.gateway.connections)
-        if left:
-            logger.warning("grace period over: closing %d connections", left)
+        if self.supervisor is not None:
+            await self.supervisor.stop(grace)  # each worker drains as below, then exits
+        else:
+            if self.server is not None:
+                self.server.close()
+            self.gateway.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gateway.drained.wait(), grace)
+            left = len(self.gateway.connections)
+            if left:
+                logger.warning("grace period over: closing %d connections", left)
         await self.stack.aclose()
         logger.info("graygate stopped")
 
