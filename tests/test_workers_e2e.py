@@ -498,6 +498,34 @@ async def test_kill_9_of_a_worker_restarts_it_within_1s_and_the_other_keeps_serv
     await close_all(fresh + conns)
 
 
+async def test_without_a_ready_standby_a_dead_worker_gets_a_new_process(
+    tmp_path: Path, graygate_process, upstreams
+) -> None:
+    blue = await upstreams("blue", version_app("blue"))
+    gg = Gg(tmp_path, graygate_process, [route_config(blue.url)])
+    pids = await gg.start()
+    standby = await gg.standby()
+    os.kill(standby, signal.SIGKILL)
+    await gg.wait_log(f"standby {standby} was killed by SIGKILL; starting another")
+    os.kill(pids[0], signal.SIGKILL)  # the next standby is still starting: a cold start
+    restart: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while not restart and time.monotonic() < deadline:
+        events = (await gg.api("GET", "/api/v1/events"))["events"]
+        restart = [e for e in events if e["action"] == "worker.restart"]
+        await asyncio.sleep(0.05)
+    assert len(restart) == 1, gg.output()[-2000:]
+    new_pid = restart[0]["after"]["pid"]
+    assert restart[0]["before"]["pid"] == pids[0] and new_pid not in (*pids, standby)
+    conns = await open_conns(gg.port, 32)
+    paths = [f"/cold/{i}" for i in range(32)]
+    for c, p in zip(conns, paths, strict=True):
+        assert (await c.get(p))[0] == 200
+    served = await gg.served(paths)
+    assert {pid for pid, _ in served.values()} == {new_pid, pids[1]}
+    assert "graygate_worker_restarts_total 1.0" in await gg.metrics()
+
+
 async def test_supervisor_death_takes_the_workers_down(
     tmp_path: Path, graygate_process, upstreams
 ) -> None:

@@ -286,8 +286,7 @@ class Supervisor:
             return
         if w is self.standby and w.ready.done() and isinstance(w.ready.result(), Ready):
             self.standby = None
-            logger.warning("standby %d %s; starting another", w.pid, _exit_text(w.proc.poll()))
-            self._task(self.reap_then(w, self.keep_standby()))
+            self._task(self.standby_lost(w))
         elif w.up and self.workers[w.index] is w:
             self.replace(w)
 
@@ -408,9 +407,10 @@ class Supervisor:
             self.persist()
         await self.keep_standby()
 
-    async def reap_then(self, w: WorkerProcess, then: Coroutine[Any, Any, None]) -> None:
-        await self.reap(w)
-        await then
+    async def standby_lost(self, w: WorkerProcess) -> None:
+        code = await self.reap(w)
+        logger.warning("standby %d %s; starting another", w.pid, _exit_text(code))
+        await self.keep_standby()
 
     async def reap(self, w: WorkerProcess, within: float = REAP_TIMEOUT) -> int | None:
         """Its exit status; SIGKILL when it has not exited `within` seconds."""
