@@ -20,12 +20,13 @@ from typing import Any
 from aiohttp import web
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.children import SupervisorError
 from proxy.control.controller import Controller
 from proxy.control.metrics import make_registry
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
-from proxy.control.supervisor import Supervisor, SupervisorError, read_your_writes
+from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats

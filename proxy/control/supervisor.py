@@ -10,11 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -22,6 +18,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from proxy.control import children
+from proxy.control.children import SupervisorError, WorkerProcess
 from proxy.control.store.events import EventLog
 from proxy.core import figures
 from proxy.core.config import Config
@@ -46,39 +44,7 @@ logger = logging.getLogger(__name__)
 ACK_DEADLINE = 2.0  # a serving worker that has not applied a change by then is restarted
 FLUSH_INTERVAL = 0.1  # workers send their figures this often (at most 250 ms: issue 10)
 START_TIMEOUT = 20.0  # python start-up, imports and bind, on a busy machine
-REAP_TIMEOUT = 2.0  # after its channel closed, a worker gets this long to exit, then SIGKILL
 RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)  # between attempts when a new worker fails to start
-
-
-class SupervisorError(Exception):
-    """The workers cannot start; the message names the cause (one line)."""
-
-
-class WorkerProcess:
-    """One worker child as the supervisor sees it."""
-
-    def __init__(self, index: int, proc: subprocess.Popen[bytes]) -> None:
-        self.index = index  # its slot in Supervisor.workers; -1 while it is the standby
-        self.proc = proc
-        self.pid = proc.pid
-        self.channel: Channel | None = None
-        # Ready, or the one-line reason it never will be (no exception left unretrieved).
-        self.ready: asyncio.Future[Ready | str] = asyncio.get_running_loop().create_future()
-        self.up = False  # was given a slot and served: its death means a restart
-        self.serving = False  # counted by settle(): accepting with a known policy
-        self.acked = -1  # the policy generation it has applied
-        self.inflight: dict[figures.Pair, int] = {}
-        self.endpoints: list[EndpointRow] | None = None
-        self.kill_reason: str | None = None
-        self.lost_at = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"worker {self.index} (pid {self.pid})" if self.index >= 0 else f"standby {self.pid}"
-
-    def send(self, message: Message) -> None:
-        if self.channel is not None:
-            self.channel.send(message)
 
 
 class Supervisor:
@@ -137,67 +103,11 @@ class Supervisor:
         self._task(self.keep_standby())
 
     def reserve(self) -> None:
-        """Bind (never listen) the port with SO_REUSEPORT: a port in use fails here, port 0
-        becomes one concrete port for every worker, and no stranger takes it meanwhile."""
-        listen = self.config.listen
-        try:
-            infos = socket.getaddrinfo(
-                listen.host or None,
-                listen.port,
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-            port = listen.port
-            seen: set[tuple[int, object]] = set()
-            for family, kind, proto, _, addr in infos:
-                if (family, addr[0]) in seen:
-                    continue
-                seen.add((family, addr[0]))
-                sock = socket.socket(family, kind, proto)
-                self.sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((addr[0], port, *addr[2:]))
-                port = port or int(sock.getsockname()[1])
-        except OSError as exc:
-            self.close_sockets()
-            raise SupervisorError(f"listen: cannot bind {listen}: {exc}") from exc
-        self.port = port
-        names = []
-        for sock in self.sockets:
-            host = sock.getsockname()[0]
-            names.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
-        self.address = ", ".join(names)
+        self.sockets, self.port, self.address = children.reserve(self.config.listen)
 
     async def launch(self, index: int) -> WorkerProcess:
         """A new worker process with its channel and Hello; it is bound, not yet serving."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        argv = [
-            sys.executable,
-            "-m",
-            "proxy.dataplane.worker",
-            "--channel-fd",
-            str(child.fileno()),
-            "--parent",
-            str(os.getpid()),
-            "--log-level",
-            str(level),
-        ]
-        try:
-            # fork + exec takes a few ms; a worker does not start often enough to need a
-            # thread (asyncio's own subprocess support forks in the loop thread as well).
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                argv, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
-            )
-        except OSError as exc:
-            parent.close()
-            raise SupervisorError(f"workers: cannot start {sys.executable}: {exc}") from exc
-        finally:
-            child.close()
-        w = WorkerProcess(index, proc)
+        w, parent = children.spawn(index)
         if index < 0:
             self.standby = w  # from now on it gets every Policy, like the others
         _, w.channel = await self.loop.connect_accepted_socket(
@@ -215,7 +125,7 @@ class Supervisor:
         try:
             ready = await asyncio.wait_for(asyncio.shield(w.ready), START_TIMEOUT)
         except TimeoutError:
-            self.kill(w)
+            w.kill()
             raise SupervisorError(f"workers: {w.name} not ready after {START_TIMEOUT:g}s") from None
         if isinstance(ready, str):
             raise SupervisorError(ready)
@@ -249,7 +159,7 @@ class Supervisor:
             except SupervisorError as exc:
                 logger.error("standby worker failed to start: %s", exc)
                 if self.standby is not None:
-                    await self.reap(self.standby)
+                    await self.standby.reap()
                     self.standby = None
                 continue
             logger.info("standby worker ready: pid %d", w.pid)
@@ -284,7 +194,7 @@ class Supervisor:
         self._wake()
         if self.stopping:
             return
-        if w is self.standby and w.ready.done() and isinstance(w.ready.result(), Ready):
+        if w is self.standby and w.is_ready:
             self.standby = None
             self._task(self.standby_lost(w))
         elif w.up and self.workers[w.index] is w:
@@ -315,7 +225,7 @@ class Supervisor:
                     )
                 # Gone, not only signalled: its listener has left the SO_REUSEPORT group,
                 # so no connection made after our answer can reach it.
-                await asyncio.gather(*(self.reap(w) for w in late))
+                await asyncio.gather(*(w.reap() for w in late))
                 return
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
@@ -339,11 +249,7 @@ class Supervisor:
         logger.error("%s %s: restarting it", w.name, reason)
         w.kill_reason = reason
         w.serving = False
-        self.kill(w)
-
-    def kill(self, w: WorkerProcess) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w.pid, signal.SIGKILL)
+        w.kill()
 
     def replace(self, old: WorkerProcess) -> None:
         """The dead worker's slot goes to the standby at once when it is ready (same loop
@@ -379,7 +285,7 @@ class Supervisor:
                 await self.wait_ready(new)
             except SupervisorError as exc:
                 logger.error("worker %d: restart failed: %s", old.index, exc)
-                await self.reap(new)
+                await new.reap()
                 continue
             self.serve(new)
             await self.restarted(old, new)
@@ -388,8 +294,8 @@ class Supervisor:
     async def restarted(self, old: WorkerProcess, new: WorkerProcess) -> None:
         """Count, log and record the restart (once the new one serves), reap the old one."""
         seconds = time.monotonic() - old.lost_at
-        code = await self.reap(old)
-        why = old.kill_reason or _exit_text(code)
+        code = await old.reap()
+        why = old.kill_reason or children.exit_text(code)
         self.restarts += 1
         flush_ms = round(self.flush_interval * 1000)
         logger.warning("%s %s; pid %d serves its slot after %.3fs", old.name, why, new.pid, seconds)
@@ -408,19 +314,9 @@ class Supervisor:
         await self.keep_standby()
 
     async def standby_lost(self, w: WorkerProcess) -> None:
-        code = await self.reap(w)
-        logger.warning("standby %d %s; starting another", w.pid, _exit_text(code))
+        code = await w.reap()
+        logger.warning("standby %d %s; starting another", w.pid, children.exit_text(code))
         await self.keep_standby()
-
-    async def reap(self, w: WorkerProcess, within: float = REAP_TIMEOUT) -> int | None:
-        """Its exit status; SIGKILL when it has not exited `within` seconds."""
-        deadline = time.monotonic() + within
-        while (code := w.proc.poll()) is None:
-            if time.monotonic() > deadline:
-                self.kill(w)
-                deadline = time.monotonic() + within
-            await asyncio.sleep(0.01)
-        return code
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
@@ -439,7 +335,7 @@ class Supervisor:
         if lost:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*lost), grace + 5.0)
-        codes = [await self.reap(w, within=1.0) for w in live]
+        codes = [await w.reap(within=1.0) for w in live]
         unclean = [(w.pid, c) for w, c in zip(live, codes, strict=True) if c != 0]
         if unclean:
             logger.warning("workers that did not exit cleanly: %s", unclean)
@@ -454,8 +350,8 @@ class Supervisor:
                 await task
         for w in self.children():
             if w.proc.poll() is None:
-                self.kill(w)
-            await self.reap(w, within=1.0)
+                w.kill()
+            await w.reap(within=1.0)
             if w.channel is not None:
                 w.channel.close()
         self.close_sockets()
@@ -481,16 +377,6 @@ class Supervisor:
                     for ep in v.endpoints:
                         merged[(rc.name, v.name, ep.url)] = True
         return [(r, v, u, a) for (r, v, u), a in merged.items()]
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "disappeared"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def read_your_writes(store: PolicyStore, settle: Callable[[int], Awaitable[None]]) -> Middleware:
