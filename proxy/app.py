@@ -220,7 +220,7 @@ class App:
             registry=registry,
             reload=self.reload,
             token=config.admin.token,
-            ready=lambda: not self.draining,
+            ready=lambda: self.serving and not self.draining,  # workers up, not draining
             stats=self.stats,
         )
         admin = make_admin_app(ctx)
