@@ -93,8 +93,6 @@ class Supervisor:
         """Launch every worker (reserve() first) and return once all of them serve; the
         standby starts in the background."""
         launched = [await self.launch(i) for i in range(self.count)]
-        for w in launched:
-            self.workers[w.index] = w
         await asyncio.gather(*(self.wait_ready(w) for w in launched))
         for w in launched:
             self.serve(w)
@@ -108,8 +106,11 @@ class Supervisor:
     async def launch(self, index: int) -> WorkerProcess:
         """A new worker process with its channel and Hello; it is bound, not yet serving."""
         w, parent = children.spawn(index)
+        # Registered before the first await: from now on it gets every Policy.
         if index < 0:
-            self.standby = w  # from now on it gets every Policy, like the others
+            self.standby = w
+        else:
+            self.workers[index] = w
         _, w.channel = await self.loop.connect_accepted_socket(
             lambda: Channel(
                 functools.partial(self.on_message, w), functools.partial(self.on_lost, w)
@@ -174,7 +175,13 @@ class Supervisor:
                 w.endpoints = message.endpoints
         elif isinstance(message, Ack):
             if message.error is not None:
-                self.restart(w, f"could not apply policy {message.seq}: {message.error}")
+                reason = f"could not apply policy {message.seq}: {message.error}"
+                if w.serving:
+                    self.restart(w, reason)
+                else:  # a standby or a starting worker must never serve it either
+                    logger.error("%s %s: stopping it", w.name, reason)
+                    w.kill_reason = reason
+                    w.kill()
             else:
                 w.acked = max(w.acked, message.seq)
             self._wake()
@@ -280,7 +287,6 @@ class Supervisor:
             except SupervisorError as exc:
                 logger.error("worker %d: restart failed: %s", old.index, exc)
                 continue
-            self.workers[old.index] = new
             try:
                 await self.wait_ready(new)
             except SupervisorError as exc:
