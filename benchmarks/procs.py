@@ -129,9 +129,9 @@ class Processes:
 # --- nginx -----------------------------------------------------------------------------
 
 NGINX_MAIN = """daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
+master_process {master};
+worker_processes {workers};
+{user}pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 8192; multi_accept on; }}
 http {{
@@ -185,18 +185,22 @@ PROXY_SERVER = """    split_clients "${{cookie_gg_uid}}${{remote_addr}}" $gg_ver
     }}"""
 
 
-def nginx_conf(prefix: Path, body: str) -> str:
-    return NGINX_MAIN.format(prefix=prefix, body=body)
+def nginx_conf(prefix: Path, body: str, workers: int = 1) -> str:
+    # One process unless asked for more: then a master with `workers` worker processes
+    # (as root, workers would switch to `nobody` and lose the run's private directory).
+    user = "user root;\n" if workers > 1 and os.geteuid() == 0 else ""
+    master = "on" if workers > 1 else "off"
+    return NGINX_MAIN.format(prefix=prefix, body=body, master=master, workers=workers, user=user)
 
 
 def start_nginx(
-    procs: Processes, name: str, body: str, port: int, cpu: int | None
+    procs: Processes, name: str, body: str, port: int, cpu: int | None, workers: int = 1
 ) -> subprocess.Popen[bytes]:
     nginx = require_tool("nginx")
     prefix = procs.workdir / name
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, body))
+    conf.write_text(nginx_conf(prefix, body, workers))
     argv = [*pin(cpu), nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     proc = procs.start(argv, name)
     try:
@@ -236,12 +240,13 @@ def start_nginx_proxy(
     green: int,
     cpu: int | None,
     tls: tuple[Path, Path] | None = None,
+    workers: int = 1,
 ) -> subprocess.Popen[bytes]:
     ssl, tls_lines = "", ""
     if tls is not None:
         ssl, tls_lines = " ssl", NGINX_TLS.format(cert=tls[0], key=tls[1])
     body = PROXY_SERVER.format(port=port, blue=blue, green=green, ssl=ssl, tls=tls_lines)
-    return start_nginx(procs, "nginx-proxy", body, port, cpu)
+    return start_nginx(procs, "nginx-proxy", body, port, cpu, workers)
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
@@ -276,6 +281,7 @@ class GraygateConfig:
     rollout_interval: str = "1s"
     min_samples: int = 50
     tls: tuple[Path, Path] | None = None  # (cert, key): listen with HTTPS
+    workers: int = 1
 
 
 def graygate_yaml(cfg: GraygateConfig, state_path: Path) -> str:
@@ -295,6 +301,7 @@ state:
   path: "{state_path}"
 version_header: X-Graygate-Version
 access_log: false
+workers: {cfg.workers}
 routes:
   - name: {ROUTE}
     match: {{host: "*", path_prefix: "/"}}
@@ -381,6 +388,17 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
     return total / CLK_TCK
+
+
+def rss_by_process_kib(pid: int) -> dict[int, int]:
+    """VmHWM of the process and of each descendant (a supervisor and its workers)."""
+    out: dict[int, int] = {}
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out[p] = int(line.split()[1])
+    return out
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -25,6 +25,7 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "newconn": ("rps", ">=", 0.60),
     "fixed-rate": ("p99", "<=", 1.5),
     "tls-keepalive-5b": ("rps", ">=", 0.75),
+    "workers-2": ("rps", ">=", 0.75),
 }
 RSS_TARGET_KIB = 64 * 1024
 
@@ -85,6 +86,11 @@ def summarize_variant(runs: list[dict[str, Any]]) -> dict[str, Any]:
     )
     rss = [int(r["peak_rss_kib"]) for r in ok if r.get("peak_rss_kib")]
     out["peak_rss_mib"] = round(max(rss) / 1024, 1) if rss else None
+    per_process = [r["rss_kib_by_process"] for r in ok if r.get("rss_kib_by_process")]
+    if per_process and len(per_process[-1]) > 1:  # several processes: each one's peak
+        out["rss_mib_by_process"] = sorted(
+            round(int(kib) / 1024, 1) for kib in per_process[-1].values()
+        )
     if ok and ok[0].get("rate_target"):
         out["rate_target"] = ok[0]["rate_target"]
     errs = [r["error"] for r in runs if "error" in r]
@@ -192,6 +198,9 @@ def markdown(res: dict[str, Any]) -> str:
                         f"|  | failed runs: {d['failed_runs']}: "
                         f"{d['run_errors'][0][:120]!r} |||||||"
                     )
+            for v, d in sc["variants"].items():
+                if d.get("rss_mib_by_process"):
+                    lines.append(f"- {v}: peak RSS per process MiB {d['rss_mib_by_process']}")
             lines.append("")
         ratio = sc.get("ratio_graygate_nginx")
         if ratio:

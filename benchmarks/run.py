@@ -35,6 +35,7 @@ from benchmarks.procs import (
     peak_rss_kib,
     pin,
     require_tool,
+    rss_by_process_kib,
     start_graygate,
     start_nginx_proxy,
     start_upstream,
@@ -54,7 +55,21 @@ WRK_SCENARIOS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ),
 }
 TLS_SCENARIOS = frozenset({"tls-keepalive-5b"})
-SCENARIOS = (*WRK_SCENARIOS, "fixed-rate", "churn-weights", "churn-rollback")
+# N processes on each side, nothing pinned: wrk and the upstreams share the cores with them.
+WORKERS_SCENARIO = "workers-2"
+WORKERS_DESCRIPTION = (
+    "graygate workers: 2 against nginx worker_processes 2, 5 B responses, 64 keep-alive "
+    "connections (wrk); unpinned: wrk and the upstreams share the machine's cores with the "
+    "proxies; CPU and RSS cover the whole process tree (nginx master + workers, graygate "
+    "supervisor + workers + standby), RSS per process"
+)
+SCENARIOS = (
+    *WRK_SCENARIOS,
+    "fixed-rate",
+    "churn-weights",
+    "churn-rollback",
+    WORKERS_SCENARIO,
+)
 VARIANTS = ("direct", "graygate", "nginx")
 # A returning user: graygate hashes its cohort cookie, nginx's split_clients reads the same.
 COOKIE = "Cookie: gg_uid=bench-user-0001"
@@ -107,6 +122,7 @@ class Bench:
         }
         self.nginx_max: float | None = None
         self.proxies: list[subprocess.Popen[bytes]] = []
+        self.workers = 1  # processes per proxy (the workers-2 scenario sets 2)
 
     # --- setup -------------------------------------------------------------------------
 
@@ -132,7 +148,13 @@ class Bench:
             elif v == "nginx":
                 port = free_port()
                 proc = start_nginx_proxy(
-                    self.procs, port, self.blue_port, self.green_port, self.proxy_cpu, files
+                    self.procs,
+                    port,
+                    self.blue_port,
+                    self.green_port,
+                    self.proxy_cpu,
+                    files,
+                    self.workers,
                 )
                 self.proxies.append(proc)
                 out[v] = (f"{scheme}://127.0.0.1:{port}", proc.pid)
@@ -146,6 +168,7 @@ class Bench:
                     f"http://127.0.0.1:{self.blue_port}",
                     f"http://127.0.0.1:{self.green_port}",
                     tls=files,
+                    workers=self.workers,
                 )
                 try:
                     proc = start_graygate(self.procs, self.gg_cmd, cfg, self.proxy_cpu)
@@ -165,8 +188,8 @@ class Bench:
 
     def measure(self, scenario: str, url: str, pid: int | None) -> dict[str, Any]:
         cpu0 = cpu_seconds(pid) if pid else 0.0
-        if scenario in WRK_SCENARIOS:
-            path, headers, _ = WRK_SCENARIOS[scenario]
+        if scenario in WRK_SCENARIOS or scenario == WORKERS_SCENARIO:
+            path, headers, _ = WRK_SCENARIOS.get(scenario, WRK_SCENARIOS["keepalive-5b"])
             w = run_wrk(
                 url + path,
                 self.args.duration,
@@ -194,6 +217,7 @@ class Bench:
             if run["requests"]:
                 run["cpu_us_per_req"] = round((cpu1 - cpu0) * 1e6 / int(run["requests"]), 2)
             run["peak_rss_kib"] = peak_rss_kib(pid)
+            run["rss_kib_by_process"] = rss_by_process_kib(pid)
         return run
 
     def load_argv(
@@ -293,6 +317,18 @@ class Bench:
             finally:
                 self.stop_proxies()
         return round(self.nginx_max * 0.5, 0)
+
+    def run_workers(self, progress: Progress) -> None:
+        """workers-2: the matrix with 2 processes per proxy and no pinning at all."""
+        pins = self.proxy_cpu, self.load_cpu
+        self.proxy_cpu = self.load_cpu = None
+        self.workers = 2
+        try:
+            self.run_matrix(WORKERS_SCENARIO, progress)
+        finally:
+            self.proxy_cpu, self.load_cpu = pins
+            self.workers = 1
+        self.raw["scenarios"][WORKERS_SCENARIO]["description"] = WORKERS_DESCRIPTION
 
     # --- churn -------------------------------------------------------------------------
 
@@ -552,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     except ToolMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    matrix = [s for s in scenarios if s in WRK_SCENARIOS or s == "fixed-rate"]
+    matrix = [s for s in scenarios if s in WRK_SCENARIOS or s in ("fixed-rate", WORKERS_SCENARIO)]
     progress = Progress(len(matrix) * args.runs * len(args.variants) + len(scenarios) - len(matrix))
     with (
         tempfile.TemporaryDirectory(prefix="graygate-bench-") as tmp,
@@ -562,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.start_upstreams()
             for s in scenarios:
-                if s in matrix:
+                if s == WORKERS_SCENARIO:
+                    bench.run_workers(progress)
+                elif s in matrix:
                     bench.run_matrix(s, progress)
                 elif s == "churn-weights":
                     bench.churn_weights(progress)

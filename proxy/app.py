@@ -21,12 +21,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.children import SupervisorError
 from proxy.control.controller import Controller
 from proxy.control.metrics import NotificationCollector, make_registry
 from proxy.control.notify import Notifier
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
@@ -43,43 +45,95 @@ class StartupError(Exception):
 
 
 class App:
+    """Owns every resource of one graygate process. start() builds them in one place and
+    pushes each one's closing step on one AsyncExitStack, so a failure part-way closes
+    what was opened in reverse order, and shutdown() drains, then unwinds the same stack.
+    """
+
     def __init__(self, config_path: str, config: Config, reset_state: bool = False) -> None:
         self.config_path = config_path
         self.config = config
         self.reset_state = reset_state
         self.draining = False
+        self.serving = False  # start() finished: the final save at close is meaningful
+        self.stack = contextlib.AsyncExitStack()
         self.tasks: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
         self.admin_runner: web.AppRunner | None = None
         self.data_address = ""
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
+        self.supervisor: Supervisor | None = None  # set when workers > 1
         self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
         self.notifier: Notifier | None = None
 
     async def start(self) -> None:
+        """Raises StartupError (one line naming the cause); nothing stays open then."""
+        try:
+            await self._open()
+        except BaseException as exc:
+            await self.stack.aclose()
+            if isinstance(exc, OSError):
+                raise StartupError(f"unexpected system error: {exc}") from exc
+            raise
+        self.serving = True
+        # Start-up objects live forever: keep them out of every later GC pass.
+        gc.collect()
+        gc.freeze()
+        logger.info(
+            "graygate serving on %s://%s, admin on http://%s, routes: %s",
+            "https" if self.config.listen_tls is not None else "http",
+            self.data_address,
+            self.admin_address,
+            ", ".join(r.name for r in self.config.routes),
+        )
+
+    async def _open(self) -> None:
         config = self.config
         try:
             check_admin_exposure(config.admin.listen.host, config.admin.token)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
-        if config.workers != 1:
-            raise StartupError(
-                f"workers: only 1 is available in this release, got {config.workers} "
-                "(run several graygate processes behind a load balancer; see README)"
-            )
+        await self._open_state()
+        self.stats = Stats.from_config(config)
+        if config.workers == 1:
+            await self._open_gateway()  # the data plane in this process, as always
+        else:
+            self._open_supervisor()  # the port is bound (not yet served) here
+        await self._open_admin()
+        if self.supervisor is not None:
+            await self._start_workers()
+        self.controller = Controller(
+            self.store,
+            self.stats,
+            self.events,
+            self.persist,
+            should_run=self.redis.holds_lease if self.redis is not None else None,
+        )
+        self._spawn(self.controller.run())
+
+    async def _open_state(self) -> None:
+        """The state backend, the event log and the policy store; the file is written once
+        here, so an unwritable path stops the start before any port is bound."""
+        config = self.config
         self.state_file = FileStateStore(config.state.path)
         loaded = None
         backend: RedisStateStore | None = None
-        if config.state.backend == "redis":  # shared by replicas; see proxy/store_redis.py
-            backend = RedisStateStore(config.state.redis_url, config.state.redis_prefix)
+        if config.state.backend == "redis":  # shared by replicas; see control/store/redis.py
+            try:
+                backend = RedisStateStore(config.state.redis_url, config.state.redis_prefix)
+            except ValueError as exc:  # redis-py refuses the URL itself (port, db, scheme)
+                raise StartupError(f"state.redis_url {config.state.redis_url}: {exc}") from exc
+            self.stack.push_async_callback(self._close_redis, backend)
             try:
                 loaded = await backend.open(reset=self.reset_state)
             except RedisStateError as exc:
                 raise StartupError(str(exc)) from exc
-        elif not self.reset_state:
+        else:
             try:
-                loaded = self.state_file.load()
+                self.state_file.check_path()
+                if not self.reset_state:
+                    loaded = self.state_file.load()
             except StateFileError as exc:
                 raise StartupError(str(exc)) from exc
         states, events = loaded if loaded is not None else ({}, [])
@@ -87,14 +141,38 @@ class App:
         # Webhooks (notifications:): queued per receiver, never awaited by whoever appends.
         self.notifier = Notifier(config.notifications)
         self.notifier.start()
+        self.stack.push_async_callback(self.notifier.close)  # what is queued is dropped, counted
         self.events.subscribe(self.notifier.offer)
         self.store = PolicyStore(config, merge_states(config, states))
         if backend is not None:
             self.redis = RedisSync(backend, self.store, self.events)
             self.redis.start()
-        self.stats = Stats.from_config(config)
+        else:
+            try:
+                self.persist()
+            except OSError as exc:
+                raise StartupError(
+                    f"state.path {config.state.path}: cannot write the state file: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        self.stack.callback(self._final_save)
+
+    async def _close_redis(self, backend: RedisStateStore) -> None:
+        if self.redis is not None:
+            await self.redis.close()  # writes what is left, then closes the connections
+        else:
+            await backend.close()
+
+    def _final_save(self) -> None:
+        if self.serving:
+            with contextlib.suppress(OSError):  # logged by nobody: the store keeps the last
+                self.persist()
+
+    async def _open_gateway(self) -> None:
+        config = self.config
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
+        self.stack.push_async_callback(self.gateway.close)
         listen = config.listen
         tls_options: dict[str, Any] = {}
         if config.listen_tls is not None:
@@ -115,12 +193,52 @@ class App:
             )
         except OSError as exc:
             raise StartupError(f"listen: cannot bind {listen}: {exc}") from exc
+        self.stack.callback(self.server.close)
         self.data_address = _bound(self.server)
-        registry = make_registry(
-            self.stats,
-            lambda: self.store.policy,
-            lambda: self.gateway.upstreams.endpoint_states(loop.time()),
-        )
+        self._spawn(self._sweep())
+        self._spawn(self.gateway.watch())
+        self.gateway.upstreams.start_health_checks()
+
+    def _open_supervisor(self) -> None:
+        """workers > 1: this process supervises; the data plane runs in the workers."""
+        if self.config.listen_tls is not None:
+            try:  # each worker builds its own context from the same files: check them once
+                server_context(self.config.listen_tls)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from exc
+        self.supervisor = Supervisor(self.config, self.store, self.stats, self.events, self.persist)
+        self.stack.push_async_callback(self.supervisor.close)
+        try:
+            self.supervisor.reserve()
+        except SupervisorError as exc:
+            raise StartupError(str(exc)) from exc
+        self.data_address = self.supervisor.address
+
+    async def _start_workers(self) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.start()
+        except SupervisorError as exc:
+            raise StartupError(str(exc)) from exc
+
+    async def _open_admin(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        supervisor = self.supervisor
+        if supervisor is None:
+            registry = make_registry(
+                self.stats,
+                lambda: self.store.policy,
+                lambda: self.gateway.upstreams.endpoint_states(loop.time()),
+            )
+        else:
+            registry = make_registry(
+                self.stats,
+                lambda: self.store.policy,
+                supervisor.endpoint_states,
+                worker_restarts=lambda: supervisor.restarts,
+            )
+        assert self.notifier is not None
         registry.register(NotificationCollector(self.notifier.rows))
         ctx = AdminContext(
             store=self.store,
@@ -129,14 +247,19 @@ class App:
             registry=registry,
             reload=self.reload,
             token=config.admin.token,
-            ready=lambda: not self.draining,
+            ready=lambda: self.serving and not self.draining,  # workers up, not draining
             stats=self.stats,
             listen_host=config.admin.listen.host,
             allowed_hosts=config.admin.allowed_hosts,
         )
         self.admin_ctx = ctx
-        self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
+        admin = make_admin_app(ctx)
+        if supervisor is not None:
+            # Innermost: a change answers 200 only once every worker applied it.
+            admin.middlewares.append(read_your_writes(self.store, supervisor.settle))
+        self.admin_runner = web.AppRunner(admin, access_log=None)
         await self.admin_runner.setup()
+        self.stack.push_async_callback(self.admin_runner.cleanup)
         site = web.TCPSite(self.admin_runner, config.admin.listen.host, config.admin.listen.port)
         try:
             await site.start()
@@ -146,31 +269,12 @@ class App:
             f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
             for a in self.admin_runner.addresses
         )
-        self.controller = Controller(
-            self.store,
-            self.stats,
-            self.events,
-            self.persist,
-            should_run=self.redis.holds_lease if self.redis is not None else None,
-        )
-        self._spawn(self.controller.run())
-        self._spawn(self._sweep())
-        self._spawn(self.gateway.watch())
-        self.gateway.upstreams.start_health_checks()
-        self.persist()
-        # Start-up objects live forever: keep them out of every later GC pass.
-        gc.collect()
-        gc.freeze()
-        logger.info(
-            "graygate serving on %s://%s, admin on http://%s, routes: %s",
-            "https" if self.tls is not None else "http",
-            self.data_address,
-            self.admin_address,
-            ", ".join(r.name for r in config.routes),
-        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+        """A background task owned by the stack: cancelled and awaited when it unwinds."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.append(task)
+        self.stack.push_async_callback(_cancel, task)
 
     async def _sweep(self) -> None:
         while True:
@@ -189,49 +293,60 @@ class App:
         if (
             config.listen != self.config.listen
             or config.admin.listen != self.config.admin.listen
-            or (config.listen_tls is None) != (self.tls is None)
+            or (config.listen_tls is None) != (self.config.listen_tls is None)
         ):
             logger.warning("reload: listen addresses changed; they apply at the next restart")
+        if config.workers != self.config.workers:
+            logger.warning("reload: workers changed; the new number applies at the next restart")
         if self.tls is not None and config.listen_tls is not None:
             # New handshakes get the new certificate; open connections keep theirs.
             reload_context(self.tls, config.listen_tls)  # ConfigError: the old one stays
+        elif self.supervisor is not None and config.listen_tls is not None:
+            server_context(config.listen_tls)  # the workers reload theirs: refuse a bad file here
         if self.notifier is not None:
             await self.notifier.reconfigure(config.notifications)
+        self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
+        if self.supervisor is not None:
+            # The workers get the config with the states (one message each) and apply it
+            # whole; the file was valid, so it is every worker or, above, none.
+            self.stats.reconfigure(config)
+            self.store.reconfigure(config)
+            self.config = config
+            await self.supervisor.settle(self.store.policy.generation)
+            return
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
-        self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
         self.gateway.upstreams.start_health_checks()
         self.config = config
 
     async def shutdown(self) -> None:
+        """The one shutdown sequence: readiness off, resign the lease, stop accepting,
+        drain up to the grace period; then the stack closes the rest in reverse order
+        (tasks, admin, pools, the final save, redis)."""
         grace = self.config.grace_period
         logger.info("shutting down: draining connections for up to %.0fs", grace)
         self.draining = True
         if self.redis is not None:
             await self.redis.resign()  # another replica runs the controller while we drain
-        if self.server is not None:
-            self.server.close()
-        self.gateway.drain()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.gateway.drained.wait(), grace)
-        left = len(self.gateway.connections)
-        if left:
-            logger.warning("grace period over: closing %d connections", left)
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.gateway.close()
-        if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
-        if self.notifier is not None:
-            await self.notifier.close()  # what is still queued is dropped (and counted)
-        with contextlib.suppress(OSError):
-            self.persist()
-        if self.redis is not None:
-            await self.redis.close()  # writes what is left, then closes the connections
+        if self.supervisor is not None:
+            await self.supervisor.stop(grace)  # each worker drains as below, then exits
+        else:
+            if self.server is not None:
+                self.server.close()
+            self.gateway.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gateway.drained.wait(), grace)
+            left = len(self.gateway.connections)
+            if left:
+                logger.warning("grace period over: closing %d connections", left)
+        await self.stack.aclose()
         logger.info("graygate stopped")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _bound(server: asyncio.Server) -> str:
@@ -260,7 +375,6 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
         await app.start()
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
-        await _close_partial(app)
         return 2
     reloads: set[asyncio.Task[None]] = set()
 
@@ -298,17 +412,3 @@ async def _reload_logged(app: App) -> None:
     app.events.append(None, "signal:SIGHUP", "reload", None, None, "SIGHUP")
     app.persist()
     logger.info("config reloaded on SIGHUP")
-
-
-async def _close_partial(app: App) -> None:
-    if app.server is not None:
-        app.server.close()
-    if app.admin_runner is not None:
-        await app.admin_runner.cleanup()
-    if app.notifier is not None:
-        await app.notifier.close()
-    gateway = getattr(app, "gateway", None)
-    if gateway is not None:
-        await gateway.close()
-    if app.redis is not None:
-        await app.redis.close()

@@ -261,3 +261,52 @@ async def test_stale_write_is_refused_and_equal_revision_wins(redis_url, prefix)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_change_from_another_replica_reaches_every_worker(
+    redis_url, prefix, gateway, upstreams, graygate_process, tmp_path
+):
+    """A `workers: 2` replica adopts what an in-process replica writes: every worker."""
+    import yaml
+
+    route = await two_versions(upstreams)
+    port, admin_port = free_port(), free_port()
+    conf = tmp_path / "workers.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "admin": {"listen": f"127.0.0.1:{admin_port}"},
+                "state": redis_state(redis_url, prefix),
+                "workers": 2,
+                "routes": [route],
+            }
+        )
+    )
+    p = graygate_process("serve", "-c", conf.name)
+    other = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    async with aiohttp.ClientSession() as session:
+
+        async def up() -> bool:
+            try:
+                await get_json(session, f"http://127.0.0.1:{admin_port}/healthz")
+                async with session.get(f"http://127.0.0.1:{port}/") as r:  # workers serve
+                    assert r.status == 200
+            except aiohttp.ClientError:
+                assert p.proc.poll() is None, p.output()
+                return False
+            return True
+
+        await wait_for(up, 30)
+        await put_weights(session, other.admin_url, {"blue": 0, "green": 100})
+
+        async def all_green() -> bool:
+            versions = set()
+            for _ in range(16):  # fresh connections: both workers
+                async with session.get(
+                    f"http://127.0.0.1:{port}/", headers={"Connection": "close"}
+                ) as r:
+                    versions.add(r.headers["X-Graygate-Version"])
+            return versions == {"green"}
+
+        assert await wait_for(all_green, 2.0) < 2.0

@@ -35,6 +35,7 @@ ROLLOUT_STEP = "graygate_rollout_step"
 ROLLOUT_VERDICTS = "graygate_rollout_verdicts_total"
 ENDPOINT_AVAILABLE = "graygate_endpoint_available"
 INFLIGHT = "graygate_inflight_requests"
+WORKER_RESTARTS = "graygate_worker_restarts_total"  # only with workers > 1
 
 # str(float) matches the client library's own `le` formatting for these bounds ("0.0005", "1.0").
 _LE = (*(str(b) for b in BUCKETS), "+Inf")
@@ -183,13 +184,30 @@ class GraygateCollector(Collector):
         )
 
 
+class WorkerCollector(Collector):
+    """The supervisor's own figures (workers > 1)."""
+
+    def __init__(self, restarts: Callable[[], int]) -> None:
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            WORKER_RESTARTS, "Workers restarted by the supervisor after they died or stalled."
+        )
+        family.add_metric((), self._restarts())
+        yield family
+
+
 def make_registry(
     stats: Stats,
     get_policy: Callable[[], PolicyLike],
     get_endpoints: Callable[[], Iterable[EndpointRow]],
+    worker_restarts: Callable[[], int] | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(GraygateCollector(stats, get_policy, get_endpoints))
+    if worker_restarts is not None:
+        registry.register(WorkerCollector(worker_restarts))
     return registry
 
 

@@ -1194,12 +1194,22 @@ def parse_config(
         ),
         via=via,
         grace_period=parse_duration(tree.get("grace_period", d.grace_period), "grace_period"),
-        workers=_int(tree.get("workers", d.workers), "workers", 1, 256),
+        workers=_workers(tree.get("workers", d.workers), "workers"),
         access_log=_bool(tree.get("access_log", d.access_log), "access_log"),
         notifications=_notifications(tree.get("notifications"), "notifications"),
         routes=tuple(routes),
         source=source,
     )
+
+
+def _workers(value: object, path: str) -> int:
+    """`auto`: one worker per CPU this process may run on (its affinity mask, as nginx's
+    `worker_processes auto`), resolved here so `graygate check` shows the number."""
+    if value == "auto":
+        return max(1, min(256, len(os.sched_getaffinity(0))))
+    if isinstance(value, str):
+        _fail(path, "must be an integer 1..256 or auto", value)
+    return _int(value, path, 1, 256)
 
 
 class _StrictLoader(yaml.SafeLoader):

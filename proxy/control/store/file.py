@@ -72,6 +72,22 @@ class FileStateStore:
             "or start with --reset-state to begin from the config"
         )
 
+    def check_path(self) -> None:
+        """Refuse a path that can never hold the file, naming the part that is wrong: a
+        missing directory, a file where a directory should be, or a directory as the file."""
+        path = os.path.abspath(self.path)
+        if os.path.isdir(path):
+            raise StateFileError(f"state.path {self.path}: is a directory, not a file")
+        parent = os.path.dirname(path)
+        if os.path.isdir(parent):
+            return
+        ancestor = parent
+        while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+            raise StateFileError(f"state.path {self.path}: {ancestor} is a file, not a directory")
+        raise StateFileError(f"state.path {self.path}: directory {parent} does not exist")
+
     def load(self) -> tuple[dict[str, RouteState], list[Event]] | None:
         try:
             with open(self.path, encoding="utf-8") as f:
