@@ -117,6 +117,10 @@ class BadResponse(Exception):
     """An upstream head that parses but must not be relayed (raised inside the parser)."""
 
 
+class Overrun(Exception):
+    """The upstream sent bytes after its response was complete (raised inside the parser)."""
+
+
 class Exchange:
     """A request whose head has been parsed; start() answers it exactly once, then end()
     hands the connection back to the downstream protocol."""
@@ -499,7 +503,7 @@ class Exchange:
             end = data.find(b"\r\n\r\n", 0, 65536)
             if end > 0:
                 end += 4
-                if not self.feed(data[:end]):
+                if not self.feed(data[:end], end < len(data)):
                     return
                 if self.passthrough:
                     self.relay_body(memoryview(data)[end:])
@@ -508,8 +512,9 @@ class Exchange:
         if self.feed(data):
             self.flush()
 
-    def feed(self, data: bytes) -> bool:
-        """Parse upstream bytes; False when the exchange ended (its output is flushed)."""
+    def feed(self, data: bytes, more: bool = False) -> bool:
+        """Parse upstream bytes (`more`: others follow them in this read); False when the
+        exchange ended (its output is flushed)."""
         parser = self.parser
         assert parser is not None
         try:
@@ -522,15 +527,17 @@ class Exchange:
             self.fail(UpstreamError("protocol", 502, "unexpected protocol switch from upstream"))
             return False
         except httptools.HttpParserError as exc:
+            # `out` holds nothing past the end of the answer: the callbacks stop there.
             self.flush()
             if self.complete:
-                # Junk after a complete answer: the answer stands, the connection goes.
-                self.upstream_keep_alive = False
+                self.overrun()  # a next message, or junk, after the complete answer
                 self.succeed()
                 return False
             self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {exc}"))
             return False
         if self.complete:
+            if more:
+                self.overrun()  # a bodiless answer (HEAD, 204, 304) with bytes after its head
             self.flush()
             self.succeed()
             return False
@@ -546,7 +553,7 @@ class Exchange:
         done = left <= 0
         if left < 0:
             data = data[: self.body_left]
-            self.upstream_keep_alive = False  # bytes beyond the body: never reuse
+            self.overrun()
         self.body_left = max(left, 0)
         if self.out:
             self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
@@ -557,6 +564,15 @@ class Exchange:
             self.passthrough = False
             self.complete = True
             self.succeed()
+
+    def overrun(self) -> None:
+        """The upstream sent more than its framing allows (RFC 9112 6.3). The extra bytes
+        are dropped, never relayed: the client would read them as the answer to its next
+        request. The answer already relayed was complete and stands (recorded with its
+        own status); the connection is closed, and the overrun counts as a protocol error."""
+        self.upstream_keep_alive = False
+        if self.vstats is not None:
+            self.vstats.upstream_error("protocol")
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.tunnel:
@@ -586,7 +602,12 @@ class Exchange:
     def upstream_resume_writing(self) -> None:
         self.down.resume_reading(self.down.PAUSE_UPSTREAM)
 
+    # Bytes after a complete answer in the same read: llhttp goes on parsing them. Junk is
+    # a parser error; the next message is stopped at its first callback (no on_message_begin:
+    # a callback per response costs more than these checks in callbacks that run anyway).
     def on_status(self, reason: bytes) -> None:
+        if self.complete:
+            raise Overrun()
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -608,6 +629,8 @@ class Exchange:
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None
+        if self.complete:
+            raise Overrun()  # a next message whose status line has no reason phrase
         status = parser.get_status_code()
         self.status = status
         if not 100 <= status <= 599:
@@ -648,9 +671,13 @@ class Exchange:
         if not upgrade and (not self.body_done or gw.draining):
             self.keep_alive = False
         headers = self.resp_headers
-        if status == 204 and self.resp_length >= 0:
+        if status == 204 and (self.resp_length >= 0 or self.resp_te):
             # RFC 9110 8.6: never a Content-Length on a 204.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+            if self.resp_length > 0 or self.resp_te:
+                # It announced a body it must not have: its later bytes would be read as
+                # the next answer on this connection, so the connection is not reused.
+                self.upstream_keep_alive = False
         extra = self.extra if self.resp_date else (*self.extra, (b"date", gw.date))
         self.out.append(
             response_head(
@@ -673,6 +700,8 @@ class Exchange:
             self.body_left = self.resp_length
 
     def on_body(self, data: bytes) -> None:
+        if self.complete:
+            raise Overrun()  # a body on an answer to HEAD
         self.body_left -= len(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")

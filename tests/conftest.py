@@ -36,6 +36,7 @@ BOTH_LOOPS = {
     "test_hostile",
     "test_exchange",
     "test_conformance",
+    "test_response_framing",
 }
 
 
