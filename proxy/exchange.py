@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from random import random
@@ -35,6 +36,9 @@ EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 LAST_CHUNK = b"0\r\n\r\n"
 SPLIT_HEAD_ABOVE = 16384
+# RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp checks field names
+# and values itself but lets any byte but CR and LF through in the reason phrase.
+CONTROL_IN_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 RESPONSE_NOTED = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
 ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
@@ -533,7 +537,9 @@ class Exchange:
                 self.overrun()  # a next message, or junk, after the complete answer
                 self.succeed()
                 return False
-            self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {exc}"))
+            cause = exc.__context__
+            detail = str(cause) if isinstance(cause, BadResponse) else str(exc)
+            self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {detail}"))
             return False
         if self.complete:
             if more:
@@ -608,6 +614,8 @@ class Exchange:
     def on_status(self, reason: bytes) -> None:
         if self.complete:
             raise Overrun()
+        if not reason.isalpha() and CONTROL_IN_REASON(reason) is not None:
+            raise BadResponse("control byte in the status line")  # RFC 9110 5.5
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -654,6 +662,7 @@ class Exchange:
                     )
                 )
             self.resp_headers = []
+            self.resp_reason = b""  # a final status line may have none
             self.resp_connection = None
             self.resp_length = -1
             self.resp_te = False
