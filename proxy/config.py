@@ -214,6 +214,7 @@ class Config:
     grace_period: float = 30.0  # SIGTERM drain time
     workers: int = 1
     access_log: bool = False
+    upgrades: tuple[str, ...] = ("websocket",)  # Upgrade protocols that may tunnel, lowercase
     routes: tuple[RouteConfig, ...] = ()
     source: str | None = None  # the file path it was loaded from
 
@@ -547,6 +548,7 @@ _TOP_KEYS = (
     "grace_period",
     "workers",
     "access_log",
+    "upgrades",
     "routes",
 )
 _ROUTE_KEYS = (
@@ -658,6 +660,12 @@ def _trusted_proxies(
         except ValueError:
             _fail(p, 'must be an IP address or CIDR like "10.0.0.0/8" or "::1"', item)
     return tuple(nets)
+
+
+def _upgrades(value: object, path: str) -> tuple[str, ...]:
+    items = _list(value, path, 'Upgrade protocol names ("websocket")')
+    names = [_token(v, f"{path}[{i}]", "protocol name").lower() for i, v in enumerate(items)]
+    return tuple(dict.fromkeys(names))
 
 
 def _version_header(value: object, path: str) -> str | None:
@@ -1002,6 +1010,7 @@ def parse_config(
         grace_period=parse_duration(tree.get("grace_period", d.grace_period), "grace_period"),
         workers=_int(tree.get("workers", d.workers), "workers", 1, 256),
         access_log=_bool(tree.get("access_log", d.access_log), "access_log"),
+        upgrades=_upgrades(tree.get("upgrades", list(d.upgrades)), "upgrades"),
         routes=tuple(routes),
         source=source,
     )

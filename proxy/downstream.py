@@ -21,7 +21,7 @@ import httptools
 
 from proxy.config import Config
 from proxy.exchange import REASONS, Exchange, Runtime, build_runtime
-from proxy.headers import Headers, is_trusted, serialize
+from proxy.headers import Headers, is_trusted, serialize, upgrade_protocols
 from proxy.state import PolicyStore, RoutingPolicy
 from proxy.stats import Stats
 from proxy.upstream import Upstreams
@@ -76,6 +76,7 @@ class Gateway:
         self.via10 = f"1.0 {config.via}".encode()
         self.access_log = config.access_log
         self.trusted = config.trusted_proxies
+        self.upgrades = frozenset(p.encode() for p in config.upgrades)
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(config.listen.host.lower())
@@ -137,6 +138,27 @@ class Gateway:
         for conn in list(self.connections):
             conn.close()
         await self.upstreams.close()
+
+
+class PrimedCallbacks:
+    """The callbacks of a parser fed a copy of a head already parsed (prime_body): that
+    head ends without a second exchange; everything after it goes to the protocol."""
+
+    def __init__(self, down: DownstreamProtocol) -> None:
+        self.down = down
+        self.primed = False
+        self.on_message_begin = down.on_message_begin
+        self.on_url = down.on_url
+        self.on_header = down.on_header
+        self.on_body = down.on_body
+        self.on_message_complete = down.on_message_complete
+
+    def on_headers_complete(self) -> None:
+        if self.primed:
+            self.down.on_headers_complete()
+        else:
+            self.primed = True
+            self.down.in_head = False
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -220,36 +242,91 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.stopped = True
-            ex = self.queue[-1] if self.queue else None
-            if ex is not None and ex.upgrade:
-                ex.early = data[exc.args[0] :]
-                self.pause_reading(self.PAUSE_UPGRADE)
-            self.start_deferred()
+            self.upgrade_asked(data, exc.args[0])
             return
-        except httptools.HttpParserInvalidMethodError:
+        except httptools.HttpParserError as exc:
+            self.parse_failed(data, exc)
+            return
+        if self.in_head and not self.began and self.head_overflows(data):
+            return
+        self.start_deferred()
+
+    def parse_failed(self, data: bytes, exc: httptools.HttpParserError) -> None:
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
             # llhttp knows a fixed list of methods; RFC 9110 9.1 allows any token.
             if EXTENSION_METHOD_RE.match(data.lstrip(b"\r\n")) is not None:
                 self.reject(501, "method_not_implemented", "request method not supported")
             else:
                 self.reject(400, "bad_request", "malformed request line")
-            return
-        except httptools.HttpParserError as exc:
+        elif self.limit_error is not None:
             # httptools wraps what our callbacks raise; the callback left the verdict here.
-            if self.limit_error is not None:
-                self.reject(*self.limit_error)
-            else:
-                self.reject(400, "bad_request", f"malformed request: {exc}")
-            return
-        if self.in_head and not self.began:
-            # A head still incomplete after a whole read: count raw bytes too, so one
-            # endless header line cannot grow without bound before its callback fires.
-            self.head_raw += len(data)
-            limit = self.gw.config.limits.max_header_bytes
-            if self.head_raw > limit:
-                self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            self.reject(*self.limit_error)
+        else:
+            self.reject(400, "bad_request", f"malformed request: {exc}")
+
+    def head_overflows(self, data: bytes) -> bool:
+        """A head still incomplete after a whole read: count raw bytes too, so one endless
+        header line cannot grow without bound before its callback fires."""
+        self.head_raw += len(data)
+        limit = self.gw.config.limits.max_header_bytes
+        if self.head_raw > limit:
+            self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            return True
+        return False
+
+    def upgrade_asked(self, data: bytes, at: int) -> None:
+        """llhttp stopped after a request asking for an upgrade, `at` bytes into `data`,
+        as if the connection switched protocols there. An allowed upgrade waits for the
+        upstream's 101 with the bytes that follow; any other went out as a plain request
+        (on_headers_complete), so parsing goes on as HTTP/1.1, body first if it has one."""
+        while True:
+            ex = self.queue[-1] if self.queue else None
+            if (
+                ex is None
+                or ex.upgrade
+                or ex.error is not None
+                or (self.stopped and not ex.has_body)  # it said Connection: close
+            ):
+                self.stopped = True
+                if ex is not None and ex.upgrade:
+                    ex.early = data[at:]
+                    self.pause_reading(self.PAUSE_UPGRADE)
+                self.start_deferred()
                 return
+            data = data[at:]
+            self.began = False
+            try:
+                if ex.has_body:
+                    self.prime_body(ex)
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                at = exc.args[0]
+                continue
+            except httptools.HttpParserError as exc:
+                self.parse_failed(data, exc)
+                return
+            break
+        if self.in_head and not self.began and self.head_overflows(data):
+            return
         self.start_deferred()
+
+    def prime_body(self, ex: Exchange) -> None:
+        """llhttp skipped the body of a request it took for an upgrade, and ended it: a
+        fresh parser, fed the same head without Upgrade, reads that body with the framing
+        (and its checks) of any request, then the requests after it."""
+        ex.body_resumes()
+        self.incoming = ex  # a framing error in the copy is this request's: reject() sees it
+        fields = b"".join(n + b": " + v + b"\r\n" for n, v in ex.headers if n != b"upgrade")
+        version = b"HTTP/1.1" if ex.http11 else b"HTTP/1.0"
+        parser = httptools.HttpRequestParser(PrimedCallbacks(self))
+        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self.parser = parser
+        try:
+            parser.feed_data(ex.method + b" / " + version + b"\r\n" + fields + b"\r\n")
+        finally:
+            self._reset_request()
+        self.stopped = False  # set by the skipped body's end, not by the request's own
+        self.arm(self.gw.config.timeouts.client_body)
 
     def start_deferred(self) -> None:
         ex = self.deferred
@@ -387,6 +464,8 @@ class DownstreamProtocol(asyncio.Protocol):
             error = (413, "body_too_large", f"request body exceeds {limit} bytes")
         if error is not None:
             keep_alive = False
+        if upgrade and (error is not None or not self.upgrade_allowed()):
+            upgrade = False  # forwarded as a plain request: see upgrade_asked
         ex = Exchange(
             self,
             method,
@@ -400,7 +479,7 @@ class DownstreamProtocol(asyncio.Protocol):
             keep_alive,
             body,
             self.te,
-            upgrade and error is None,
+            upgrade,
             error,
         )
         self._reset_request()
@@ -418,6 +497,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self.arm(gw.config.timeouts.client_body)
         else:
             self.disarm()
+
+    def upgrade_allowed(self) -> bool:
+        """Every protocol the request's Upgrade names is on the allow-list. Any other
+        (h2c above all: h2c smuggling) is forwarded as a plain request, without Upgrade,
+        HTTP2-Settings and the Connection tokens naming them (request_head drops them)."""
+        asked = upgrade_protocols(v for n, v in self.headers if n == b"upgrade")
+        return bool(asked) and asked <= self.gw.upgrades
 
     def on_body(self, body: bytes) -> None:
         ex = self.incoming

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.headers import Headers, request_head, response_head
+from proxy.headers import Headers, request_head, response_head, upgrade_protocols
 from proxy.router import choose, match_route, parse_cookies
 from proxy.state import RoutePolicy, RoutingPolicy
 from proxy.stats import Stats, VersionStats
@@ -282,6 +282,13 @@ class Exchange:
         self.pending_bytes += len(data)
         if self.pending_bytes > BODY_BUFFER_LIMIT:
             self.down.pause_reading(self.down.PAUSE_BUFFER)
+
+    def body_resumes(self) -> None:
+        """llhttp ended this request at its head, taking it for an upgrade; it was not
+        one (not allowed), so its body follows after all. Called before it started."""
+        self.body_done = False
+        self.pending = []  # the last chunk request_end added
+        self.pending_bytes = 0
 
     def request_end(self) -> None:
         self.body_done = True
@@ -643,8 +650,8 @@ class Exchange:
         self.status = status
         if not 100 <= status <= 599:
             raise BadResponse(f"status {status} is outside 100..599")  # RFC 9110 15
-        if status == 101 and not self.upgrade:
-            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        if status == 101:
+            self.check_switch()
         gw = self.gw
         via = gw.via if parser.get_http_version() == "1.1" else gw.via10
         if 100 <= status < 200 and status != 101:
@@ -707,6 +714,17 @@ class Exchange:
             self.complete = True
         elif not self.resp_te and self.resp_length > 0:
             self.body_left = self.resp_length
+
+    def check_switch(self) -> None:
+        """A 101 only to a request that asked for an allowed upgrade, and only to a
+        protocol it named (RFC 9110 7.8): else the upstream would open a tunnel around
+        every rule of ours (h2c smuggling)."""
+        if not self.upgrade:
+            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        offered = upgrade_protocols(v for n, v in self.headers if n == b"upgrade")
+        chosen = upgrade_protocols(v for n, v in self.resp_headers if n == b"upgrade")
+        if not chosen or not chosen <= offered:
+            raise BadResponse("101 Switching Protocols to a protocol the client did not ask for")
 
     def on_body(self, data: bytes) -> None:
         if self.complete:

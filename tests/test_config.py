@@ -69,6 +69,7 @@ def test_example_file_parses_every_key():
     assert cfg.admin.listen == Address("127.0.0.1", 9901)
     assert cfg.admin.token is None  # ${GRAYGATE_ADMIN_TOKEN:-} with the variable unset
     assert cfg.limits.max_header_bytes == 65536
+    assert cfg.upgrades == ("websocket",)
     assert cfg.trusted_proxies == (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("10.0.0.0/8"),
@@ -206,6 +207,13 @@ def test_limits_and_timeouts():
     assert cfg.timeouts.connect == 0.25 and cfg.timeouts.request == 5.0
     assert cfg.timeouts.read == 30.0  # untouched default
     assert cfg.grace_period == 90.0
+
+
+def test_upgrades_allow_list():
+    assert parse_config(base(), {}).upgrades == ("websocket",)
+    cfg = parse_config({**base(), "upgrades": ["WebSocket", "websocket"]}, {})
+    assert cfg.upgrades == ("websocket",)  # lowercase, once
+    assert parse_config({**base(), "upgrades": []}, {}).upgrades == ()
 
 
 def test_admin_token_file(tmp_path):
@@ -773,6 +781,9 @@ REFUSALS = [
         "must be a list",
     ),
     ("version header", _set("version_header", "X Version"), "version_header", "header name"),
+    ("upgrades not list", _set("upgrades", "websocket"), "upgrades", "must be a list"),
+    ("upgrade not token", _set("upgrades", ["websocket", "h2 c"]), "upgrades[1]", "protocol name"),
+    ("upgrade not string", _set("upgrades", [7]), "upgrades[0]", "must be a string"),
     ("state backend", _set("state", {"backend": "sqlite"}), "state.backend", "file, redis"),
     ("redis url", _set("state", {"redis_url": "http://r"}), "state.redis_url", "redis://"),
     (
