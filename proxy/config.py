@@ -53,6 +53,9 @@ class Timeouts:
     client_body: float = 30.0  # downstream: idle time allowed between body chunks
     keepalive: float = 75.0  # downstream idle keep-alive connection
     upstream_idle: float = 60.0  # pooled idle upstream connection is closed after this
+    # downstream: the longest a client may leave graygate's write buffer full without
+    # reading any of it; then the connection is cut (and its upstream freed)
+    client_write: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = False  # close() was called; nothing more is answered
         self.paused = 0  # bit set of PAUSE_* reasons
         self.writing_paused = False
+        self.write_since = 0.0  # loop time the client last drained some of our write buffer
+        self.write_buffered = 0  # our write buffer's size at the last look
         self.queue: deque[Exchange] = deque()  # head = the one being answered
         self.incoming: Exchange | None = None  # the request whose body is being parsed
         self.deadline = 0.0  # loop time when the client phase times out; 0: none
@@ -350,6 +352,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.write_since = self.gw.loop.time()
+        self.write_buffered = self.transport.get_write_buffer_size() if self.transport else 0
         if self.tunnel is not None:
             self.tunnel.pause_upstream_reading()
         elif self.queue:
@@ -665,8 +669,25 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
             self.on_timeout()
+        if self.writing_paused:
+            self.check_writing(now)
         if self.queue:
             self.queue[0].check(now)
+
+    def check_writing(self, now: float) -> None:
+        """timeouts.client_write: our write buffer to this client has stayed full and has
+        not shrunk (the client read nothing) for that long. Then the connection is cut,
+        buffered bytes dropped, and the upstream freed (connection_lost)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        size = transport.get_write_buffer_size()
+        if size < self.write_buffered:
+            self.write_since = now  # the client is reading, however slowly
+        self.write_buffered = size
+        if now - self.write_since >= self.gw.config.timeouts.client_write:
+            self.stopped = self.closing = True
+            transport.abort()
 
     def on_timeout(self) -> None:
         if self.closed:

@@ -478,6 +478,9 @@ class Exchange:
         transport = conn.transport
         assert transport is not None
         self.last_io = loop.time()
+        if self.down.writing_paused:
+            # The previous answer filled the client's buffer: this one waits for it too.
+            self.pause_upstream_reading()
         if self.pending:
             transport.writelines([self.head, *self.pending])
             self.pending = []
@@ -488,8 +491,8 @@ class Exchange:
 
     # -- timeouts: checked by Gateway.watch through the downstream connection ----------------
     def check(self, now: float) -> None:
-        if self.conn is None or self.ended or self.tunnel:
-            return
+        if self.conn is None or self.ended or self.tunnel or self.upstream_reads_paused:
+            return  # paused: we hold the upstream back for a slow client, it is not slow
         read = self.gw.config.timeouts.read
         if now - self.last_io >= read:
             self.fail(UpstreamError("timeout", 504, f"upstream sent nothing for {read:g}s"))
@@ -868,6 +871,7 @@ class Exchange:
         conn = self.conn
         if self.upstream_reads_paused and conn is not None and conn.transport is not None:
             self.upstream_reads_paused = False
+            self.last_io = self.gw.loop.time()  # the read timeout starts again from here
             conn.transport.resume_reading()
 
     # -- WebSocket and other upgrades: a byte tunnel once the upstream said 101 ---------------

@@ -37,6 +37,7 @@ BOTH_LOOPS = {
     "test_exchange",
     "test_conformance",
     "test_response_framing",
+    "test_slow_readers",
     "test_upgrades",
     "test_control_bytes",
 }

@@ -211,6 +211,7 @@ def test_no_stray_test_files() -> None:
         "conformance",
         # HTTP hardening, one suite per class of defect, across downstream and exchange
         "response_framing",
+        "slow_readers",
         "upgrades",
         "control_bytes",
     }
