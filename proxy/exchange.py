@@ -165,6 +165,7 @@ class Exchange:
         "path",
         "pending",
         "pending_bytes",
+        "progressed",
         "reason",
         "resp_connection",
         "resp_date",
@@ -263,7 +264,8 @@ class Exchange:
         self.out: list[bytes] = []  # response bytes gathered during one feed
         self.started = 0.0
         self.deadline = 0.0
-        self.last_io = 0.0
+        self.last_io = 0.0  # loop time of the last tick that saw bytes move; see check()
+        self.progressed = False  # bytes moved since the last tick
 
     # -- request body, fed by downstream --------------------------------------------------
     def request_body(self, data: bytes) -> None:
@@ -273,7 +275,7 @@ class Exchange:
         else:
             frame = (data,)
         if conn is not None and conn.transport is not None:
-            self.last_io = self.gw.loop.time()
+            self.progressed = True
             conn.transport.writelines(frame)
             return
         if self.ended:
@@ -467,7 +469,6 @@ class Exchange:
 
     # -- forwarding ---------------------------------------------------------------------------
     def send_on(self, conn: UpstreamConnection, reused: bool) -> None:
-        loop = self.gw.loop
         self.conn = conn
         self.reused = reused
         conn.user = self
@@ -477,7 +478,7 @@ class Exchange:
         self.resp_headers = []
         transport = conn.transport
         assert transport is not None
-        self.last_io = loop.time()
+        self.progressed = True
         if self.down.writing_paused:
             # The previous answer filled the client's buffer: this one waits for it too.
             self.pause_upstream_reading()
@@ -491,12 +492,18 @@ class Exchange:
 
     # -- timeouts: checked by Gateway.watch through the downstream connection ----------------
     def check(self, now: float) -> None:
+        """The read timeout counts from the last tick that saw bytes move (the hot path
+        only sets a flag), and not at all while we hold the upstream back ourselves."""
         if self.conn is None or self.ended or self.tunnel or self.upstream_reads_paused:
             return  # paused: we hold the upstream back for a slow client, it is not slow
-        read = self.gw.config.timeouts.read
-        if now - self.last_io >= read:
+        if self.progressed:
+            self.progressed = False
+            self.last_io = now
+        elif now - self.last_io >= self.gw.config.timeouts.read:
+            read = self.gw.config.timeouts.read
             self.fail(UpstreamError("timeout", 504, f"upstream sent nothing for {read:g}s"))
-        elif not self.head_sent and now >= self.deadline:
+            return
+        if not self.head_sent and now >= self.deadline:
             self.fail(UpstreamError("timeout", 504, "upstream did not answer within the deadline"))
 
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
@@ -510,7 +517,7 @@ class Exchange:
         if self.parser is None or self.ended:
             return
         self.got_bytes = True
-        self.last_io = self.gw.loop.time()
+        self.progressed = True
         if not self.head_sent and len(data) > SPLIT_HEAD_ABOVE:
             # A head and a large body in one read: parse only the head, then relay the
             # body as a zero-copy view (one writev with the head) instead of a parser copy.
@@ -564,7 +571,7 @@ class Exchange:
     def relay_body(self, data: bytes | memoryview) -> None:
         """A Content-Length body after its head: bytes go out as they come, unparsed, in
         one write with whatever head is still waiting in `out`."""
-        self.last_io = self.gw.loop.time()
+        self.progressed = True
         left = self.body_left - len(data)
         done = left <= 0
         if left < 0:
@@ -871,7 +878,7 @@ class Exchange:
         conn = self.conn
         if self.upstream_reads_paused and conn is not None and conn.transport is not None:
             self.upstream_reads_paused = False
-            self.last_io = self.gw.loop.time()  # the read timeout starts again from here
+            self.progressed = True  # the read timeout starts again from here
             conn.transport.resume_reading()
 
     # -- WebSocket and other upgrades: a byte tunnel once the upstream said 101 ---------------
