@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import App
 from proxy.core.config import parse_config
@@ -34,6 +36,10 @@ BOTH_LOOPS = {
     "test_hostile",
     "test_exchange",
     "test_conformance",
+    "test_response_framing",
+    "test_slow_readers",
+    "test_upgrades",
+    "test_control_bytes",
 }
 
 
@@ -229,6 +235,113 @@ async def read_framed_body(
     if content_length is not None:
         return await reader.readexactly(int(content_length))
     return await reader.read()  # delimited by the close
+
+
+async def read_response(
+    reader: asyncio.StreamReader, method: str = "GET"
+) -> tuple[int, bytes, dict[bytes, bytes], bytes]:
+    """One response off a raw connection: (status, status line, headers with lowercase
+    names, last value wins, body read with exact framing)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head[:-4].split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.lower()] = value.strip(b" \t")
+    status = int(lines[0].split(b" ")[1])
+    body = await read_framed_body(
+        reader, method, status, headers.get(b"transfer-encoding"), headers.get(b"content-length")
+    )
+    return status, lines[0], headers, body
+
+
+async def metric_value(gw: RunningGateway, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the gateway's /metrics whose labels include `labels`."""
+    async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+Script = Callable[["ScriptedUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class ScriptedUpstream:
+    """A raw asyncio upstream that misbehaves on purpose: `script` serves each connection
+    by hand. Counts connections, and those graygate closed (EOF while reading a request)."""
+
+    script: Script
+    port: int = 0
+    connections: int = 0
+    closed_by_proxy: int = 0
+    heads: list[bytes] = field(default_factory=list)  # request heads, in arrival order
+    server: asyncio.Server | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The next request head (requests in these tests carry no body); None at EOF."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_by_proxy += 1
+            return None
+        self.heads.append(head)
+        return head
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.script(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # graygate dropped the connection mid-script: that ends the script
+        finally:
+            self.tasks.discard(task)
+            writer.close()
+
+    async def wait_closed_by_proxy(self, count: int, within: float = 3.0) -> None:
+        deadline = time.monotonic() + within
+        while self.closed_by_proxy < count:
+            assert time.monotonic() < deadline, (
+                f"graygate closed {self.closed_by_proxy} upstream connections, expected {count}"
+            )
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def scripted_upstream() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstream]]]:
+    """Factory: `await scripted_upstream(script)` starts a raw upstream on loopback."""
+    started: list[ScriptedUpstream] = []
+
+    async def start(script: Script) -> ScriptedUpstream:
+        up = ScriptedUpstream(script)
+        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
+        up.port = up.server.sockets[0].getsockname()[1]
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        assert up.server is not None
+        up.server.close()
+        for task in list(up.tasks):
+            task.cancel()
+        for task in list(up.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        await up.server.wait_closed()
 
 
 @dataclass

@@ -69,6 +69,8 @@ def test_example_file_parses_every_key():
     assert cfg.admin.listen == Address("127.0.0.1", 9901)
     assert cfg.admin.token is None  # ${GRAYGATE_ADMIN_TOKEN:-} with the variable unset
     assert cfg.limits.max_header_bytes == 65536
+    assert cfg.timeouts.client_write == 60.0
+    assert cfg.upgrades == ("websocket",)
     assert cfg.trusted_proxies == (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("10.0.0.0/8"),
@@ -229,6 +231,20 @@ def test_limits_and_timeouts():
     assert cfg.timeouts.connect == 0.25 and cfg.timeouts.request == 5.0
     assert cfg.timeouts.read == 30.0  # untouched default
     assert cfg.grace_period == 90.0
+
+
+def test_upgrades_allow_list():
+    assert parse_config(base(), {}).upgrades == ("websocket",)
+    cfg = parse_config({**base(), "upgrades": ["WebSocket", "websocket"]}, {})
+    assert cfg.upgrades == ("websocket",)  # lowercase, once
+    assert parse_config({**base(), "upgrades": []}, {}).upgrades == ()
+
+
+def test_client_write_timeout():
+    # A reader that stops for good is cut after this; at least a minute by default.
+    assert parse_config(base(), {}).timeouts.client_write == 60.0
+    cfg = parse_config({**base(), "timeouts": {"client_write": "2m"}}, {})
+    assert cfg.timeouts.client_write == 120.0
 
 
 def test_admin_token_file(tmp_path):
@@ -834,6 +850,10 @@ REFUSALS = [
         "admin.allowed_hosts[0]",
         "must be a string",
     ),
+    ("upgrades not list", _set("upgrades", "websocket"), "upgrades", "must be a list"),
+    ("upgrade not token", _set("upgrades", ["websocket", "h2 c"]), "upgrades[1]", "protocol name"),
+    ("upgrade not string", _set("upgrades", [7]), "upgrades[0]", "must be a string"),
+    ("client write", _set("timeouts", {"client_write": "0s"}), "timeouts.client_write", "> 0"),
     ("state backend", _set("state", {"backend": "sqlite"}), "state.backend", "file, redis"),
     ("redis url", _set("state", {"redis_url": "http://r"}), "state.redis_url", "redis://"),
     (

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -514,6 +516,69 @@ async def test_200_mib_response_streams_in_bounded_memory(
     growth_mib = (hwm_after - rss_before) / 1024
     print(f"proxy VmRSS before {rss_before} kB, VmHWM after {hwm_after} kB")
     assert growth_mib < 50, f"RSS grew by {growth_mib:.1f} MiB for a 200 MiB response"
+
+
+async def test_slow_reader_of_64_mib_gets_every_byte_in_bounded_memory(
+    tmp_path: Path, graygate_process, scripted_upstream
+) -> None:
+    """A client reading a 64 MiB answer at 256 KB/s for 10 s, with timeouts.read at 1 s:
+    nothing is lost so far, the upstream is held back (never cut, never done), and the
+    proxy's memory does not grow with the answer."""
+    body = random.Random(64).randbytes(64 * MIB)
+    sent = {"bytes": 0}
+
+    async def script(up, reader, writer) -> None:
+        while (head := await up.read_head(reader)) is not None:
+            payload = body if b" /big " in head else b"warm"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+            for at in range(0, len(payload), 256 * 1024):
+                writer.write(payload[at : at + 256 * 1024])
+                await writer.drain()
+                sent["bytes"] = min(at + 256 * 1024, len(payload))
+
+    up = await scripted_upstream(script)
+    cfg = Cfg(tmp_path, [route_config(up.url)])  # TIMEOUTS: read 1s
+    p = graygate_process("serve", "-c", cfg.path.name)
+    await wait_up(p, cfg.port, cfg.admin_port)
+    rc, out = await curl(cfg.url + "/warm")
+    assert (rc, out) == (0, b"warm")
+    rss_before = proc_status_kib(p.proc.pid, "VmRSS")
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", cfg.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: shop\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        got = bytearray()
+        rate = 256 * 1000  # bytes per second
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < 10:
+            allowed = int(rate * elapsed) - len(got)
+            if allowed <= 0:
+                await asyncio.sleep(0.02)
+                continue
+            chunk = await asyncio.wait_for(reader.read(min(allowed, 65536)), 2)
+            assert chunk, f"graygate closed the connection after {len(got)} bytes"
+            got += chunk
+        hwm = proc_status_kib(p.proc.pid, "VmHWM")
+        assert len(got) >= rate * 9, f"only {len(got)} bytes in 10 s"
+        assert got == body[: len(got)], "bytes lost or changed on the way"
+        assert up.closed_by_proxy == 0 and len(up.tasks) == 1, "the upstream was cut"
+        assert sent["bytes"] < 48 * MIB, f"upstream not held back: it sent {sent['bytes']}"
+        growth_mib = (hwm - rss_before) / 1024
+        print(f"proxy VmRSS before {rss_before} kB, VmHWM after {hwm} kB, sent {sent['bytes']}")
+        assert growth_mib < 30, f"RSS grew by {growth_mib:.1f} MiB for a slow 64 MiB answer"
+        # Still the same answer, still flowing: the next bytes follow on where they stopped.
+        more = await asyncio.wait_for(reader.readexactly(MIB), 10)
+        assert more == body[len(got) : len(got) + MIB]
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 # ---- demo ----------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.headers import HOP_BY_HOP, is_trusted, request_head, response_head
+from proxy.core.headers import (
+    HOP_BY_HOP,
+    is_trusted,
+    request_head,
+    response_head,
+    upgrade_protocols,
+)
 
 # RFC 9110 7.6.1 / RFC 9112 and DESIGN.md section 3: never forwarded in either direction.
 DESIGN_HOP_BY_HOP = (
@@ -207,6 +213,30 @@ def test_request_upgrade_still_drops_other_hop_by_hop() -> None:
     for name in DESIGN_HOP_BY_HOP:
         if name not in (b"upgrade", b"connection"):
             assert values(fields, name) == [], name
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_request_drops_http2_settings_even_when_connection_does_not_name_it(upgrade) -> None:
+    # An h2c upgrade is never forwarded; its settings field is connection-specific either way.
+    headers = [(b"host", b"shop"), (b"upgrade", b"websocket"), (b"http2-settings", b"AAMA")]
+    _, fields = req(headers, b"Upgrade", upgrade=upgrade)
+    assert values(fields, b"http2-settings") == []
+
+
+@pytest.mark.parametrize(
+    ("values_", "protocols"),
+    [
+        ([b"websocket"], {b"websocket"}),
+        ([b"WebSocket"], {b"websocket"}),
+        ([b"websocket, h2c"], {b"websocket", b"h2c"}),
+        ([b"websocket", b"H2C"], {b"websocket", b"h2c"}),
+        ([b" , TLS/1.0 ,, IRC/6.9"], {b"tls", b"irc"}),
+        ([b"", b" , "], set()),
+        ([], set()),
+    ],
+)
+def test_upgrade_protocols_are_lowercase_names_without_versions(values_, protocols) -> None:
+    assert upgrade_protocols(values_) == protocols
 
 
 # -- request_head: Host, forwarding headers, Via, framing ---------------------------------------

@@ -62,6 +62,9 @@ class Timeouts:
     client_body: float = 30.0  # downstream: idle time allowed between body chunks
     keepalive: float = 75.0  # downstream idle keep-alive connection
     upstream_idle: float = 60.0  # pooled idle upstream connection is closed after this
+    # downstream: the longest a client may leave graygate's write buffer full without
+    # reading any of it; then the connection is cut (and its upstream freed)
+    client_write: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ class Config:
     workers: int = 1
     access_log: bool = False
     notifications: tuple[NotificationConfig, ...] = ()
+    upgrades: tuple[str, ...] = ("websocket",)  # Upgrade protocols that may tunnel, lowercase
     routes: tuple[RouteConfig, ...] = ()
     source: str | None = None  # the file path it was loaded from
 
@@ -598,6 +602,7 @@ _TOP_KEYS = (
     "workers",
     "access_log",
     "notifications",
+    "upgrades",
     "routes",
 )
 _ROUTE_KEYS = (
@@ -733,6 +738,12 @@ def _trusted_proxies(
         except ValueError:
             _fail(p, 'must be an IP address or CIDR like "10.0.0.0/8" or "::1"', item)
     return tuple(nets)
+
+
+def _upgrades(value: object, path: str) -> tuple[str, ...]:
+    items = _list(value, path, 'Upgrade protocol names ("websocket")')
+    names = [_token(v, f"{path}[{i}]", "protocol name").lower() for i, v in enumerate(items)]
+    return tuple(dict.fromkeys(names))
 
 
 def _version_header(value: object, path: str) -> str | None:
@@ -1197,6 +1208,7 @@ def parse_config(
         workers=_workers(tree.get("workers", d.workers), "workers"),
         access_log=_bool(tree.get("access_log", d.access_log), "access_log"),
         notifications=_notifications(tree.get("notifications"), "notifications"),
+        upgrades=_upgrades(tree.get("upgrades", list(d.upgrades)), "upgrades"),
         routes=tuple(routes),
         source=source,
     )

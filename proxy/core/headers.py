@@ -7,6 +7,7 @@ decisions (exchange.py decides Content-Length vs chunked and passes the result i
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -23,6 +24,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"proxy-authenticate",
         b"proxy-authorization",
+        b"http2-settings",  # RFC 7540 3.2.1: connection-specific, only part of an h2c upgrade
     }
 )
 HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
@@ -41,6 +43,17 @@ REQUEST_SPECIAL = frozenset({XFF, XFP, XFH, VIA, HOST})
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def upgrade_protocols(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The protocol names (lowercase, version dropped) in Upgrade field values.
+
+    >>> sorted(upgrade_protocols([b"websocket, h2c", b"TLS/1.0"]))
+    [b'h2c', b'tls', b'websocket']
+    """
+    return frozenset(
+        t.split(b"/", 1)[0].strip().lower() for v in values for t in v.split(b",") if t.strip()
+    )
 
 
 _DROPPED_CACHE: dict[tuple[bytes, bool], frozenset[bytes]] = {}

@@ -20,7 +20,7 @@ from typing import cast
 import httptools
 
 from proxy.core.config import Config
-from proxy.core.headers import Headers, is_trusted, serialize
+from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
 from proxy.core.hosts import host_name, matches
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
@@ -78,6 +78,7 @@ class Gateway:
         self.access_log = config.access_log
         self.trusted = config.trusted_proxies
         self.replace_for = config.forwarded_for == "replace"
+        self.upgrades = frozenset(p.encode() for p in config.upgrades)
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(host_name(config.listen.host))
@@ -142,6 +143,27 @@ class Gateway:
         await self.upstreams.close()
 
 
+class PrimedCallbacks:
+    """The callbacks of a parser fed a copy of a head already parsed (prime_body): that
+    head ends without a second exchange; everything after it goes to the protocol."""
+
+    def __init__(self, down: DownstreamProtocol) -> None:
+        self.down = down
+        self.primed = False
+        self.on_message_begin = down.on_message_begin
+        self.on_url = down.on_url
+        self.on_header = down.on_header
+        self.on_body = down.on_body
+        self.on_message_complete = down.on_message_complete
+
+    def on_headers_complete(self) -> None:
+        if self.primed:
+            self.down.on_headers_complete()
+        else:
+            self.primed = True
+            self.down.in_head = False
+
+
 class DownstreamProtocol(asyncio.Protocol):
     PAUSE_PIPELINE = 1
     PAUSE_BUFFER = 2
@@ -163,6 +185,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = False  # close() was called; nothing more is answered
         self.paused = 0  # bit set of PAUSE_* reasons
         self.writing_paused = False
+        self.write_since = 0.0  # loop time the client last drained some of our write buffer
+        self.write_buffered = 0  # our write buffer's size at the last look
         self.queue: deque[Exchange] = deque()  # head = the one being answered
         self.incoming: Exchange | None = None  # the request whose body is being parsed
         self.deadline = 0.0  # loop time when the client phase times out; 0: none
@@ -226,36 +250,91 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.stopped = True
-            ex = self.queue[-1] if self.queue else None
-            if ex is not None and ex.upgrade:
-                ex.early = data[exc.args[0] :]
-                self.pause_reading(self.PAUSE_UPGRADE)
-            self.start_deferred()
+            self.upgrade_asked(data, exc.args[0])
             return
-        except httptools.HttpParserInvalidMethodError:
+        except httptools.HttpParserError as exc:
+            self.parse_failed(data, exc)
+            return
+        if self.in_head and not self.began and self.head_overflows(data):
+            return
+        self.start_deferred()
+
+    def parse_failed(self, data: bytes, exc: httptools.HttpParserError) -> None:
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
             # llhttp knows a fixed list of methods; RFC 9110 9.1 allows any token.
             if EXTENSION_METHOD_RE.match(data.lstrip(b"\r\n")) is not None:
                 self.reject(501, "method_not_implemented", "request method not supported")
             else:
                 self.reject(400, "bad_request", "malformed request line")
-            return
-        except httptools.HttpParserError as exc:
+        elif self.limit_error is not None:
             # httptools wraps what our callbacks raise; the callback left the verdict here.
-            if self.limit_error is not None:
-                self.reject(*self.limit_error)
-            else:
-                self.reject(400, "bad_request", f"malformed request: {exc}")
-            return
-        if self.in_head and not self.began:
-            # A head still incomplete after a whole read: count raw bytes too, so one
-            # endless header line cannot grow without bound before its callback fires.
-            self.head_raw += len(data)
-            limit = self.gw.config.limits.max_header_bytes
-            if self.head_raw > limit:
-                self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            self.reject(*self.limit_error)
+        else:
+            self.reject(400, "bad_request", f"malformed request: {exc}")
+
+    def head_overflows(self, data: bytes) -> bool:
+        """A head still incomplete after a whole read: count raw bytes too, so one endless
+        header line cannot grow without bound before its callback fires."""
+        self.head_raw += len(data)
+        limit = self.gw.config.limits.max_header_bytes
+        if self.head_raw > limit:
+            self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            return True
+        return False
+
+    def upgrade_asked(self, data: bytes, at: int) -> None:
+        """llhttp stopped after a request asking for an upgrade, `at` bytes into `data`,
+        as if the connection switched protocols there. An allowed upgrade waits for the
+        upstream's 101 with the bytes that follow; any other went out as a plain request
+        (on_headers_complete), so parsing goes on as HTTP/1.1, body first if it has one."""
+        while True:
+            ex = self.queue[-1] if self.queue else None
+            if (
+                ex is None
+                or ex.upgrade
+                or ex.error is not None
+                or (self.stopped and not ex.has_body)  # it said Connection: close
+            ):
+                self.stopped = True
+                if ex is not None and ex.upgrade:
+                    ex.early = data[at:]
+                    self.pause_reading(self.PAUSE_UPGRADE)
+                self.start_deferred()
                 return
+            data = data[at:]
+            self.began = False
+            try:
+                if ex.has_body:
+                    self.prime_body(ex)
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                at = exc.args[0]
+                continue
+            except httptools.HttpParserError as exc:
+                self.parse_failed(data, exc)
+                return
+            break
+        if self.in_head and not self.began and self.head_overflows(data):
+            return
         self.start_deferred()
+
+    def prime_body(self, ex: Exchange) -> None:
+        """llhttp skipped the body of a request it took for an upgrade, and ended it: a
+        fresh parser, fed the same head without Upgrade, reads that body with the framing
+        (and its checks) of any request, then the requests after it."""
+        ex.body_resumes()
+        self.incoming = ex  # a framing error in the copy is this request's: reject() sees it
+        fields = b"".join(n + b": " + v + b"\r\n" for n, v in ex.headers if n != b"upgrade")
+        version = b"HTTP/1.1" if ex.http11 else b"HTTP/1.0"
+        parser = httptools.HttpRequestParser(PrimedCallbacks(self))
+        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self.parser = parser
+        try:
+            parser.feed_data(ex.method + b" / " + version + b"\r\n" + fields + b"\r\n")
+        finally:
+            self._reset_request()
+        self.stopped = False  # set by the skipped body's end, not by the request's own
+        self.arm(self.gw.config.timeouts.client_body)
 
     def start_deferred(self) -> None:
         ex = self.deferred
@@ -281,6 +360,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.write_since = self.gw.loop.time()
+        self.write_buffered = self.transport.get_write_buffer_size() if self.transport else 0
         if self.tunnel is not None:
             self.tunnel.pause_upstream_reading()
         elif self.queue:
@@ -395,6 +476,8 @@ class DownstreamProtocol(asyncio.Protocol):
             error = (413, "body_too_large", f"request body exceeds {limit} bytes")
         if error is not None:
             keep_alive = False
+        if upgrade and (error is not None or not self.upgrade_allowed()):
+            upgrade = False  # forwarded as a plain request: see upgrade_asked
         ex = Exchange(
             self,
             method,
@@ -408,7 +491,7 @@ class DownstreamProtocol(asyncio.Protocol):
             keep_alive,
             body,
             self.te,
-            upgrade and error is None,
+            upgrade,
             error,
         )
         self._reset_request()
@@ -426,6 +509,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self.arm(gw.config.timeouts.client_body)
         else:
             self.disarm()
+
+    def upgrade_allowed(self) -> bool:
+        """Every protocol the request's Upgrade names is on the allow-list. Any other
+        (h2c above all: h2c smuggling) is forwarded as a plain request, without Upgrade,
+        HTTP2-Settings and the Connection tokens naming them (request_head drops them)."""
+        asked = upgrade_protocols(v for n, v in self.headers if n == b"upgrade")
+        return bool(asked) and asked <= self.gw.upgrades
 
     def on_body(self, body: bytes) -> None:
         ex = self.incoming
@@ -587,8 +677,25 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
             self.on_timeout()
+        if self.writing_paused:
+            self.check_writing(now)
         if self.queue:
             self.queue[0].check(now)
+
+    def check_writing(self, now: float) -> None:
+        """timeouts.client_write: our write buffer to this client has stayed full and has
+        not shrunk (the client read nothing) for that long. Then the connection is cut,
+        buffered bytes dropped, and the upstream freed (connection_lost)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        size = transport.get_write_buffer_size()
+        if size < self.write_buffered:
+            self.write_since = now  # the client is reading, however slowly
+        self.write_buffered = size
+        if now - self.write_since >= self.gw.config.timeouts.client_write:
+            self.stopped = self.closing = True
+            transport.abort()
 
     def on_timeout(self) -> None:
         if self.closed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from random import random
@@ -17,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.core.headers import XFF, Headers, client_address, request_head, response_head
+from proxy.core.headers import (
+    XFF,
+    Headers,
+    client_address,
+    request_head,
+    response_head,
+    upgrade_protocols,
+)
 from proxy.core.router import choose, match_route, parse_cookies
 from proxy.core.state import RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats
@@ -41,6 +49,9 @@ EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 LAST_CHUNK = b"0\r\n\r\n"
 SPLIT_HEAD_ABOVE = 16384
+# RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp checks field names
+# and values itself but lets any byte but CR and LF through in the reason phrase.
+CONTROL_IN_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 RESPONSE_NOTED = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
 ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
@@ -123,6 +134,10 @@ class BadResponse(Exception):
     """An upstream head that parses but must not be relayed (raised inside the parser)."""
 
 
+class Overrun(Exception):
+    """The upstream sent bytes after its response was complete (raised inside the parser)."""
+
+
 class Exchange:
     """A request whose head has been parsed; start() answers it exactly once, then end()
     hands the connection back to the downstream protocol."""
@@ -163,6 +178,7 @@ class Exchange:
         "path",
         "pending",
         "pending_bytes",
+        "progressed",
         "reason",
         "resp_connection",
         "resp_date",
@@ -261,7 +277,8 @@ class Exchange:
         self.out: list[bytes] = []  # response bytes gathered during one feed
         self.started = 0.0
         self.deadline = 0.0
-        self.last_io = 0.0
+        self.last_io = 0.0  # loop time of the last tick that saw bytes move; see check()
+        self.progressed = False  # bytes moved since the last tick
 
     # -- request body, fed by downstream --------------------------------------------------
     def request_body(self, data: bytes) -> None:
@@ -271,7 +288,7 @@ class Exchange:
         else:
             frame = (data,)
         if conn is not None and conn.transport is not None:
-            self.last_io = self.gw.loop.time()
+            self.progressed = True
             conn.transport.writelines(frame)
             return
         if self.ended:
@@ -280,6 +297,13 @@ class Exchange:
         self.pending_bytes += len(data)
         if self.pending_bytes > BODY_BUFFER_LIMIT:
             self.down.pause_reading(self.down.PAUSE_BUFFER)
+
+    def body_resumes(self) -> None:
+        """llhttp ended this request at its head, taking it for an upgrade; it was not
+        one (not allowed), so its body follows after all. Called before it started."""
+        self.body_done = False
+        self.pending = []  # the last chunk request_end added
+        self.pending_bytes = 0
 
     def request_end(self) -> None:
         self.body_done = True
@@ -460,7 +484,6 @@ class Exchange:
 
     # -- forwarding ---------------------------------------------------------------------------
     def send_on(self, conn: UpstreamConnection, reused: bool) -> None:
-        loop = self.gw.loop
         self.conn = conn
         self.reused = reused
         conn.user = self
@@ -470,7 +493,10 @@ class Exchange:
         self.resp_headers = []
         transport = conn.transport
         assert transport is not None
-        self.last_io = loop.time()
+        self.progressed = True
+        if self.down.writing_paused:
+            # The previous answer filled the client's buffer: this one waits for it too.
+            self.pause_upstream_reading()
         if self.pending:
             transport.writelines([self.head, *self.pending])
             self.pending = []
@@ -481,12 +507,18 @@ class Exchange:
 
     # -- timeouts: checked by Gateway.watch through the downstream connection ----------------
     def check(self, now: float) -> None:
-        if self.conn is None or self.ended or self.tunnel:
-            return
-        read = self.gw.config.timeouts.read
-        if now - self.last_io >= read:
+        """The read timeout counts from the last tick that saw bytes move (the hot path
+        only sets a flag), and not at all while we hold the upstream back ourselves."""
+        if self.conn is None or self.ended or self.tunnel or self.upstream_reads_paused:
+            return  # paused: we hold the upstream back for a slow client, it is not slow
+        if self.progressed:
+            self.progressed = False
+            self.last_io = now
+        elif now - self.last_io >= self.gw.config.timeouts.read:
+            read = self.gw.config.timeouts.read
             self.fail(UpstreamError("timeout", 504, f"upstream sent nothing for {read:g}s"))
-        elif not self.head_sent and now >= self.deadline:
+            return
+        if not self.head_sent and now >= self.deadline:
             self.fail(UpstreamError("timeout", 504, "upstream did not answer within the deadline"))
 
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
@@ -500,14 +532,14 @@ class Exchange:
         if self.parser is None or self.ended:
             return
         self.got_bytes = True
-        self.last_io = self.gw.loop.time()
+        self.progressed = True
         if not self.head_sent and len(data) > SPLIT_HEAD_ABOVE:
             # A head and a large body in one read: parse only the head, then relay the
             # body as a zero-copy view (one writev with the head) instead of a parser copy.
             end = data.find(b"\r\n\r\n", 0, 65536)
             if end > 0:
                 end += 4
-                if not self.feed(data[:end]):
+                if not self.feed(data[:end], end < len(data)):
                     return
                 if self.passthrough:
                     self.relay_body(memoryview(data)[end:])
@@ -516,8 +548,9 @@ class Exchange:
         if self.feed(data):
             self.flush()
 
-    def feed(self, data: bytes) -> bool:
-        """Parse upstream bytes; False when the exchange ended (its output is flushed)."""
+    def feed(self, data: bytes, more: bool = False) -> bool:
+        """Parse upstream bytes (`more`: others follow them in this read); False when the
+        exchange ended (its output is flushed)."""
         parser = self.parser
         assert parser is not None
         try:
@@ -530,15 +563,19 @@ class Exchange:
             self.fail(UpstreamError("protocol", 502, "unexpected protocol switch from upstream"))
             return False
         except httptools.HttpParserError as exc:
+            # `out` holds nothing past the end of the answer: the callbacks stop there.
             self.flush()
             if self.complete:
-                # Junk after a complete answer: the answer stands, the connection goes.
-                self.upstream_keep_alive = False
+                self.overrun()  # a next message, or junk, after the complete answer
                 self.succeed()
                 return False
-            self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {exc}"))
+            cause = exc.__context__
+            detail = str(cause) if isinstance(cause, BadResponse) else str(exc)
+            self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {detail}"))
             return False
         if self.complete:
+            if more:
+                self.overrun()  # a bodiless answer (HEAD, 204, 304) with bytes after its head
             self.flush()
             self.succeed()
             return False
@@ -549,12 +586,12 @@ class Exchange:
     def relay_body(self, data: bytes | memoryview) -> None:
         """A Content-Length body after its head: bytes go out as they come, unparsed, in
         one write with whatever head is still waiting in `out`."""
-        self.last_io = self.gw.loop.time()
+        self.progressed = True
         left = self.body_left - len(data)
         done = left <= 0
         if left < 0:
             data = data[: self.body_left]
-            self.upstream_keep_alive = False  # bytes beyond the body: never reuse
+            self.overrun()
         self.body_left = max(left, 0)
         if self.out:
             self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
@@ -565,6 +602,15 @@ class Exchange:
             self.passthrough = False
             self.complete = True
             self.succeed()
+
+    def overrun(self) -> None:
+        """The upstream sent more than its framing allows (RFC 9112 6.3). The extra bytes
+        are dropped, never relayed: the client would read them as the answer to its next
+        request. The answer already relayed was complete and stands (recorded with its
+        own status); the connection is closed, and the overrun counts as a protocol error."""
+        self.upstream_keep_alive = False
+        if self.vstats is not None:
+            self.vstats.upstream_error("protocol")
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.tunnel:
@@ -594,7 +640,14 @@ class Exchange:
     def upstream_resume_writing(self) -> None:
         self.down.resume_reading(self.down.PAUSE_UPSTREAM)
 
+    # Bytes after a complete answer in the same read: llhttp goes on parsing them. Junk is
+    # a parser error; the next message is stopped at its first callback (no on_message_begin:
+    # a callback per response costs more than these checks in callbacks that run anyway).
     def on_status(self, reason: bytes) -> None:
+        if self.complete:
+            raise Overrun()
+        if not reason.isalpha() and CONTROL_IN_REASON(reason) is not None:
+            raise BadResponse("control byte in the status line")  # RFC 9110 5.5
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -616,12 +669,14 @@ class Exchange:
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None
+        if self.complete:
+            raise Overrun()  # a next message whose status line has no reason phrase
         status = parser.get_status_code()
         self.status = status
         if not 100 <= status <= 599:
             raise BadResponse(f"status {status} is outside 100..599")  # RFC 9110 15
-        if status == 101 and not self.upgrade:
-            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        if status == 101:
+            self.check_switch()
         gw = self.gw
         via = gw.via if parser.get_http_version() == "1.1" else gw.via10
         if 100 <= status < 200 and status != 101:
@@ -639,6 +694,7 @@ class Exchange:
                     )
                 )
             self.resp_headers = []
+            self.resp_reason = b""  # a final status line may have none
             self.resp_connection = None
             self.resp_length = -1
             self.resp_te = False
@@ -656,9 +712,13 @@ class Exchange:
         if not upgrade and (not self.body_done or gw.draining):
             self.keep_alive = False
         headers = self.resp_headers
-        if status == 204 and self.resp_length >= 0:
+        if status == 204 and (self.resp_length >= 0 or self.resp_te):
             # RFC 9110 8.6: never a Content-Length on a 204.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+            if self.resp_length > 0 or self.resp_te:
+                # It announced a body it must not have: its later bytes would be read as
+                # the next answer on this connection, so the connection is not reused.
+                self.upstream_keep_alive = False
         extra = self.extra if self.resp_date else (*self.extra, (b"date", gw.date))
         self.out.append(
             response_head(
@@ -680,7 +740,20 @@ class Exchange:
         elif not self.resp_te and self.resp_length > 0:
             self.body_left = self.resp_length
 
+    def check_switch(self) -> None:
+        """A 101 only to a request that asked for an allowed upgrade, and only to a
+        protocol it named (RFC 9110 7.8): else the upstream would open a tunnel around
+        every rule of ours (h2c smuggling)."""
+        if not self.upgrade:
+            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        offered = upgrade_protocols(v for n, v in self.headers if n == b"upgrade")
+        chosen = upgrade_protocols(v for n, v in self.resp_headers if n == b"upgrade")
+        if not chosen or not chosen <= offered:
+            raise BadResponse("101 Switching Protocols to a protocol the client did not ask for")
+
     def on_body(self, data: bytes) -> None:
+        if self.complete:
+            raise Overrun()  # a body on an answer to HEAD
         self.body_left -= len(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -832,6 +905,7 @@ class Exchange:
         conn = self.conn
         if self.upstream_reads_paused and conn is not None and conn.transport is not None:
             self.upstream_reads_paused = False
+            self.progressed = True  # the read timeout starts again from here
             conn.transport.resume_reading()
 
     # -- WebSocket and other upgrades: a byte tunnel once the upstream said 101 ---------------
