@@ -21,10 +21,12 @@ from aiohttp import web
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.controller import Controller
-from proxy.control.metrics import make_registry
+from proxy.control.metrics import ReplicaRow, make_registry
+from proxy.control.source import Sources
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
 from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
@@ -81,8 +83,10 @@ class App:
         self.events = EventLog(events)
         self.store = PolicyStore(config, merge_states(config, states))
         if backend is not None:
-            self.redis = RedisSync(backend, self.store, self.events)
+            lease_ms = round(config.state.lease * 1000)
+            self.redis = RedisSync(backend, self.store, self.events, lease_ms)
             self.redis.start()
+        self.writer: StateWriter = self.redis or LocalWriter(self.store)
         self.stats = Stats.from_config(config)
         loop = asyncio.get_running_loop()
         self.gateway = Gateway(config, self.store, self.stats, loop)
@@ -102,6 +106,7 @@ class App:
             self.stats,
             lambda: self.store.policy,
             lambda: self.gateway.upstreams.endpoint_states(loop.time()),
+            self.replica,
         )
         ctx = AdminContext(
             store=self.store,
@@ -112,6 +117,7 @@ class App:
             token=config.admin.token,
             ready=lambda: not self.draining,
             stats=self.stats,
+            writer=self.writer,
         )
         self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
         await self.admin_runner.setup()
@@ -124,11 +130,14 @@ class App:
             f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
             for a in self.admin_runner.addresses
         )
+        self.sources = Sources(self.stats)
         self.controller = Controller(
             self.store,
-            self.stats,
+            self.sources.for_route,
+            self.writer,
             self.events,
             self.persist,
+            self.stats,
             should_run=self.redis.holds_lease if self.redis is not None else None,
         )
         self._spawn(self.controller.run())
@@ -154,6 +163,11 @@ class App:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.gateway.upstreams.sweep_idle(time.monotonic())
 
+    def replica(self) -> ReplicaRow:
+        if self.redis is None:
+            return ("file", True, True)
+        return ("redis", self.redis.available, self.redis.holds_lease())
+
     def persist(self) -> None:
         if self.redis is not None:
             self.redis.persist()  # an async save in the background
@@ -161,14 +175,19 @@ class App:
         self.state_file.save(self.store.states(), self.events.since(0))
 
     async def reload(self) -> None:
-        """Apply a new config file atomically; raises ConfigError and keeps the old one."""
+        """Apply a new config file atomically; raises ConfigError and keeps the old one.
+        Shared state: StateUnavailable (nothing applied) unless redis answers first."""
         config = load_config(self.config_path)
+        if self.redis is not None:
+            await self.redis.check()
         if config.listen != self.config.listen or config.admin.listen != self.config.admin.listen:
             logger.warning("reload: listen addresses changed; they apply at the next restart")
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
         self.gateway.upstreams.start_health_checks()
         self.config = config
+        if self.redis is not None:
+            await self.redis.flush()  # answered only once redis holds the reloaded states
 
     async def shutdown(self) -> None:
         grace = self.config.grace_period
@@ -192,6 +211,7 @@ class App:
         await self.gateway.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        await self.sources.close()
         with contextlib.suppress(OSError):
             self.persist()
         if self.redis is not None:
@@ -257,7 +277,7 @@ def raise_fd_limit() -> None:
 async def _reload_logged(app: App) -> None:
     try:
         await app.reload()
-    except ConfigError as exc:
+    except (ConfigError, StateUnavailable) as exc:
         logger.error("SIGHUP reload refused, keeping the running config: %s", exc)
         return
     app.events.append(None, "signal:SIGHUP", "reload", None, None, "SIGHUP")

@@ -171,7 +171,9 @@ async def test_one_lease_holder_and_takeover_after_shutdown(redis_url, prefix, g
     assert holder.app.redis is not None and other.app.redis is not None
     client = redis.Redis.from_url(redis_url)
     try:
-        assert client.get(f"{prefix}:lease").decode() == holder.app.redis.backend.writer
+        # The lease holds the holder's id and its fencing token.
+        assert client.get(f"{prefix}:lease").decode() == holder.app.redis.fence
+        assert holder.app.redis.fence.startswith(holder.app.redis.backend.writer + ":")
         await holder.app.shutdown()
         follower = other.app.redis
 
@@ -180,7 +182,10 @@ async def test_one_lease_holder_and_takeover_after_shutdown(redis_url, prefix, g
 
         took = await wait_for(took_over, timeout=3.0)
         assert took < 2.0
-        assert client.get(f"{prefix}:lease").decode() == follower.backend.writer
+        taken = client.get(f"{prefix}:lease").decode()
+        assert taken == follower.fence and taken.startswith(follower.backend.writer + ":")
+        # A new holder gets a larger token than the one before.
+        assert int(taken.rsplit(":", 1)[1]) > int(holder.app.redis.fence.rsplit(":", 1)[1])
     finally:
         client.close()
 

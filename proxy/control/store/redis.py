@@ -1,6 +1,7 @@
 """The `redis` state backend: route states in one hash and recent events in a capped list
-shared by every replica (RedisStateStore), and the replica side (RedisSync): saves in the
-background, follows other replicas' changes over pub/sub, and holds the controller lease.
+shared by every replica (RedisStateStore), and the replica side (RedisSync): changes written
+to redis before they apply, other replicas' changes followed over pub/sub, the controller
+lease with a fencing token, reconciling and re-seeding after redis comes back.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.control.store.events import Event, EventLog, event_from_json, json_safe
 from proxy.control.store.file import EVENTS_ON_DISK, state_from_json
+from proxy.control.store.writer import Compute, LeaseLost, StateUnavailable
 from proxy.core.state import PolicyError, PolicyStore, RouteState
 
 logger = logging.getLogger(__name__)
 
 LEASE_MS = 3000  # a crashed leader's lease runs out after this; renewed every third of it
-RETRY_SECONDS = 1.0  # after a failed save or a lost subscription
+RETRY_SECONDS = 0.5  # after a failed save or a lost subscription: reconcile well within 2 s
 CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
+# An admin call waits at most this for redis before answering 503.
+COMMAND_TIMEOUT = 2.0
+# A change that loses the compare-and-set to another replica is recomputed on the newer
+# state this many times (only when the caller named no revision).
+CHANGE_ATTEMPTS = 3
 
 # Writes only routes whose stored revision is not newer than ours, so a replica that has
 # not yet heard of a change cannot undo it; equal revisions: last write wins. Returns the
@@ -63,14 +71,36 @@ end
 return refused
 """
 
+# One route's change, compare-and-set on its revision: written only if redis still holds
+# the revision the change was computed from (or nothing: redis lost its data). A fenced
+# write (the controller's) also needs the lease to hold exactly this replica's
+# writer:token value, so a leader that lost the lease cannot write after its successor.
+_COMMIT = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[6] then return {'fenced'} end
+local cur = redis.call('HGET', KEYS[1], ARGV[3])
+if cur then
+  local ok, d = pcall(cjson.decode, cur)
+  if ok and type(d) == 'table' and d['revision'] ~= tonumber(ARGV[4]) then
+    return {'stale', cur}
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
+redis.call('PUBLISH', ARGV[1], cjson.encode({writer = ARGV[2], routes = {ARGV[3]}}))
+return {'ok'}
+"""
+
+# Renew the lease if it holds our value, else take it if free with a new fencing token
+# (writer:n, n from a counter that only grows). Returns the value held, or nil.
 _LEASE = """
 local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then
+if cur and cur == ARGV[3] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return cur
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+if cur then return false end
+local value = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
 """
 
 _RELEASE = """
@@ -100,8 +130,14 @@ class RedisStateStore:
         self.events_key = f"{prefix}:events"
         self.channel = f"{prefix}:changes"
         self.lease_key = f"{prefix}:lease"
+        self.fence_key = f"{prefix}:fence"
+        # No retries inside the client: a down redis must surface at once (503, logged),
+        # and every loop here retries on its own schedule.
         self.client: aioredis.Redis = aioredis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
         )
         self.pubsub: Any = None
         # What this replica last wrote or adopted per route; a save writes only differences.
@@ -180,10 +216,32 @@ class RedisStateStore:
         """`state` is what redis holds for `route` (adopted from another replica)."""
         self._known[route] = state
 
-    async def save(self, states: Mapping[str, RouteState], events: Sequence[Event]) -> list[str]:
-        """Write the routes changed since the last save and the events not yet written,
-        then publish the written names; returns the routes refused as older than stored."""
-        changed = {n: s for n, s in states.items() if self._known.get(n) != s}
+    async def commit(
+        self, route: str, expected: int, state: RouteState, fence: str = ""
+    ) -> tuple[str, RouteState | None]:
+        """Compare-and-set one route: ("ok", None), ("stale", what redis holds) or
+        ("fenced", None) when `fence` is set and no longer the lease's value."""
+        doc = json.dumps(json_safe(state.to_json()), sort_keys=True, allow_nan=False)
+        keys = (self.routes_key, self.lease_key)
+        args = (self.channel, self.writer, route, expected, doc, fence)
+        reply = await self.client.eval(_COMMIT, 2, *keys, *args)
+        outcome = _text(reply[0])
+        if outcome == "ok":
+            self._known[route] = state
+        if outcome == "stale":
+            try:
+                return outcome, state_from_json(route, json.loads(reply[1]))
+            except ValueError as exc:
+                logger.warning("redis %s: route %r unreadable: %s", self.routes_key, route, exc)
+        return outcome, None
+
+    async def save(
+        self, states: Mapping[str, RouteState], events: Sequence[Event], every: bool = False
+    ) -> list[str]:
+        """Write the routes changed since the last save (`every`: all of them) and the
+        events not yet written, then publish the written names; returns the routes refused
+        as older than stored."""
+        changed = {n: s for n, s in states.items() if every or self._known.get(n) != s}
         fresh = [e for e in events if e.id > self._last_event]
         if not changed and not fresh:
             return []
@@ -202,13 +260,19 @@ class RedisStateStore:
             self._last_event = fresh[-1].id
         return sorted(refused_names)
 
-    async def hold_lease(self, ms: int) -> bool:
-        """Take the lease if free, renew it if ours; False while another replica holds it."""
-        got = await self.client.eval(_LEASE, 1, self.lease_key, self.writer, ms)
-        return bool(got)
+    async def hold_lease(self, ms: int, held: str = "") -> str | None:
+        """Renew the lease if it still holds `held`, take it if free (a new fencing token);
+        the value now held, None while another replica holds it."""
+        got = await self.client.eval(
+            _LEASE, 2, self.lease_key, self.fence_key, self.writer, ms, held
+        )
+        return _text(got) if got else None
 
-    async def release_lease(self) -> None:
-        await self.client.eval(_RELEASE, 1, self.lease_key, self.writer)
+    async def release_lease(self, held: str) -> None:
+        await self.client.eval(_RELEASE, 1, self.lease_key, held)
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     async def close(self) -> None:
         await self.unsubscribe()
@@ -216,9 +280,10 @@ class RedisStateStore:
 
 
 class RedisSync:
-    """One replica's link to the shared state: `persist` (synchronous, for the admin API
-    and the controller) wakes the background writer; `follow` adopts other replicas'
-    changes; `keep_lease` decides whether this replica runs the rollout controller."""
+    """One replica's link to the shared state: `change` (a StateWriter) writes a route to
+    redis before it applies here; `persist` wakes the background writer of events and of
+    reload results; `follow` adopts other replicas' changes and reconciles after an outage;
+    `keep_lease` decides whether this replica runs the rollout controller."""
 
     def __init__(
         self,
@@ -234,7 +299,10 @@ class RedisSync:
         self._dirty = asyncio.Event()
         # Saves are serialized: the writer task and the final flush never interleave.
         self._lock = asyncio.Lock()
+        self._change_lock = asyncio.Lock()  # this replica's changes, one at a time
         self._lease_until = 0.0  # monotonic; the lease counts as ours until then
+        self.fence = ""  # the lease value (writer:token) last held; fenced writes carry it
+        self.available = True  # the last redis call succeeded (graygate_state_store_up)
         self._resigned = False
         self.tasks: list[asyncio.Task[None]] = []
         self._lease_task: asyncio.Task[None] | None = None
@@ -254,9 +322,73 @@ class RedisSync:
     def holds_lease(self) -> bool:
         return not self._resigned and time.monotonic() < self._lease_until
 
+    def _reached(self, ok: bool) -> None:
+        if ok != self.available:
+            log = logger.info if ok else logger.error
+            log("redis %s: %s", self.backend.url, "reachable again" if ok else "unreachable")
+        self.available = ok
+
+    def _unavailable(self, exc: Exception) -> StateUnavailable:
+        self._reached(False)
+        return StateUnavailable(
+            f"state store unreachable (state.redis_url {self.backend.url}: {exc}); "
+            "nothing was changed"
+        )
+
+    async def check(self) -> None:
+        """Raise StateUnavailable unless redis answers now (before a change that cannot be
+        undone, like a reload)."""
+        try:
+            await self.backend.ping()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        self._reached(True)
+
+    async def change(
+        self, route: str, compute: Compute, expected: int | None = None, fenced: bool = False
+    ) -> tuple[RouteState, RouteState]:
+        """StateWriter: compute from this replica's state, compare-and-set it in redis, and
+        only then swap it in here; other replicas adopt it from the notification."""
+        async with self._change_lock:
+            for _ in range(CHANGE_ATTEMPTS):
+                current = self.store.state(route)
+                after = self.store.prepare(route, compute(current), expected)
+                if fenced and not self.holds_lease():
+                    raise LeaseLost("this replica does not hold the controller lease")
+                try:
+                    outcome, stored = await self.backend.commit(
+                        route, current.revision, after, self.fence if fenced else ""
+                    )
+                except (RedisError, OSError) as exc:
+                    raise self._unavailable(exc) from exc
+                self._reached(True)
+                if outcome == "ok":
+                    # A newer state may have been adopted while the write was in flight.
+                    if self.store.state(route).revision < after.revision:
+                        after = self.store.adopt(route, after)
+                    return current, after
+                if outcome == "fenced":
+                    self._lease_until = 0.0
+                    raise LeaseLost("the controller lease moved to another replica")
+                if stored is not None:
+                    self._adopt(route, stored)
+                if expected is not None or fenced:
+                    break  # the caller judged a revision that is gone: let it look again
+            state = self.store.state(route)
+            raise PolicyError(
+                "stale_revision",
+                f"route {route!r} changed on another replica (now revision {state.revision})",
+                "If-Match",
+                status=409,
+            )
+
     async def flush(self) -> None:
-        async with self._lock:
-            await self._save()
+        """Write what is not yet in redis now; StateUnavailable when it cannot."""
+        try:
+            async with self._lock:
+                await self._save()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
 
     async def _save(self) -> None:
         refused = await self.backend.save(self.store.states(), self.events.since(0))
@@ -272,38 +404,70 @@ class RedisSync:
                 async with self._lock:
                     await self._save()
             except (RedisError, OSError) as exc:
-                logger.error("redis: state not saved (%s); retrying in %gs", exc, RETRY_SECONDS)
+                self._reached(False)
+                logger.error("redis: events not saved (%s); retrying in %gs", exc, RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
                 self._dirty.set()
 
+    def _adopt(self, name: str, state: RouteState) -> None:
+        try:
+            local = self.store.state(name)
+        except KeyError:
+            return  # a route this replica's config does not have
+        # A local state with a higher revision is a change of ours not yet saved.
+        if state.revision < local.revision or state == local:
+            return
+        try:
+            adopted = self.store.adopt(name, state)
+        except PolicyError as exc:
+            logger.warning("redis: route %s from another replica refused: %s", name, exc)
+            return
+        self.backend.remember(name, adopted)
+
     async def _pull(self, names: Iterable[str]) -> None:
-        remote = await self.backend.load_routes(names)
-        for name, state in remote.items():
-            try:
-                local = self.store.state(name)
-            except KeyError:
-                continue  # a route this replica's config does not have
-            # A local state with a higher revision is a change of ours not yet saved.
-            if state.revision < local.revision or state == local:
-                continue
-            try:
-                adopted = self.store.adopt(name, state)
-            except PolicyError as exc:
-                logger.warning("redis: route %s from another replica refused: %s", name, exc)
-                continue
-            self.backend.remember(name, adopted)
+        for name, state in (await self.backend.load_routes(names)).items():
+            self._adopt(name, state)
+
+    async def reconcile(self) -> None:
+        """After redis was unreachable: adopt what is newer there, and re-seed the routes it
+        no longer holds (restarted empty) from the newest revision held here."""
+        stored = set(await self.backend.route_names())
+        ours = self.store.states()
+        await self._pull(n for n in ours if n in stored)
+        missing = {n: s for n, s in ours.items() if n not in stored}
+        if not missing:
+            return
+        async with self._lock:
+            refused = set(await self.backend.save(missing, (), every=True))
+        for name, state in missing.items():
+            if name in refused:
+                continue  # another replica re-seeded it first, with a newer revision
+            logger.warning("redis: held no state for route %s; re-seeded it", name)
+            self.events.append(
+                name,
+                f"replica:{self.backend.writer[:12]}",
+                "state.reseed",
+                None,
+                state.to_json(),
+                f"redis held no state for route {name!r}; re-seeded from revision "
+                f"{state.revision} held by this replica",
+            )
+        self.persist()
 
     async def follow(self) -> None:
         """Adopt what other replicas publish; after a lost subscription, resubscribe and
-        re-read every route (notifications sent meanwhile are gone)."""
+        reconcile every route (notifications sent meanwhile are gone)."""
         while True:
             try:
                 if self.backend.pubsub is None:
                     await self.backend.subscribe()
-                    await self._pull(await self.backend.route_names())
+                    await self.reconcile()
+                    self._reached(True)
                 await self._listen()
             except (RedisError, OSError) as exc:
-                logger.warning("redis: subscription lost (%s); resubscribing", exc)
+                if self.available:
+                    logger.warning("redis: subscription lost (%s); resubscribing", exc)
+                self._reached(False)
                 await self.backend.unsubscribe()
                 await asyncio.sleep(RETRY_SECONDS)
 
@@ -327,17 +491,24 @@ class RedisSync:
         while True:
             asked = time.monotonic()
             try:
-                held = await self.backend.hold_lease(self.lease_ms)
+                value = await self.backend.hold_lease(self.lease_ms, self.fence)
             except (RedisError, OSError) as exc:
-                logger.warning("redis: controller lease not renewed (%s)", exc)
+                if self.available:
+                    logger.warning("redis: controller lease not renewed (%s)", exc)
+                self._reached(False)
             else:
+                self._reached(True)
                 was = self.holds_lease()
                 # Counted from before the request, with a margin: never believe in a lease
                 # redis has already let go.
-                self._lease_until = asked + self.lease_ms / 1000 * 0.8 if held else 0.0
-                if held != was:
+                self._lease_until = asked + self.lease_ms / 1000 * 0.8 if value else 0.0
+                if value:
+                    self.fence = value
+                if bool(value) != was:
                     logger.info(
-                        "redis: %s the rollout controller lease", "took" if held else "lost"
+                        "redis: %s the rollout controller lease%s",
+                        "took" if value else "lost",
+                        f" (fencing token {value.rsplit(':', 1)[-1]})" if value else "",
                     )
             await asyncio.sleep(interval)
 
@@ -352,7 +523,7 @@ class RedisSync:
         # Released even when not known as ours: a cancelled renewal may have taken it.
         self._lease_until = 0.0
         try:
-            await self.backend.release_lease()
+            await self.backend.release_lease(self.fence)
         except (RedisError, OSError) as exc:
             logger.warning("redis: lease not released (%s); it runs out by itself", exc)
 
@@ -366,7 +537,7 @@ class RedisSync:
         self.tasks.clear()
         try:
             await self.flush()
-        except (RedisError, OSError) as exc:
+        except StateUnavailable as exc:
             logger.error("redis: final state not saved: %s", exc)
         if not self._resigned:
             await self.resign()
