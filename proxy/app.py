@@ -25,7 +25,8 @@ from proxy.control.metrics import ReplicaRow, make_registry
 from proxy.control.source import Sources
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
-from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.store.redis import RedisStateError, RedisStateStore
+from proxy.control.store.sync import RedisSync
 from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
