@@ -193,6 +193,9 @@ async def test_a_refused_write_changes_nothing_and_the_window_is_retried(error):
     await controller.step_all()
     assert store.state("shop") == before
     assert events.since(0) == []
+    clock.now = 1004.5  # not at every tick
+    await controller.step_all()
+    assert len(source.asked) == 1
     clock.now = 1005.0
     await controller.step_all()
     assert source.asked == [(1000.0, 1003.0), (1000.0, 1004.0)]

@@ -22,11 +22,14 @@ from proxy.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 
+RETRY_SECONDS = 1.0  # after a decision the store refused: not every tick
+
 
 @dataclass
 class _Mark:
     step_started: float  # the step this window belongs to
     start: float  # where the next window starts (wall clock)
+    not_before: float = 0.0  # after a refused write, the next try
 
 
 class Controller:
@@ -88,7 +91,7 @@ class Controller:
             self._marks[route.name] = mark
             return None
         end = now - source.lag(route)
-        if end - mark.start < route.rollout.interval:
+        if end - mark.start < route.rollout.interval or now < mark.not_before:
             return None
         steps = ro.steps or route.rollout.steps
         judgement: Judgement | None = None
@@ -137,6 +140,7 @@ class Controller:
         except (PolicyError, LeaseLost, StateUnavailable) as exc:
             # Nothing changed: the next tick looks again at whatever state is current.
             logger.warning("rollout %s: %s not written: %s", route.name, decision.action, exc)
+            mark.not_before = self.clock() + RETRY_SECONDS
             return None
         mark.start = end
         if after.rollout.step_started != mark.step_started:
