@@ -31,6 +31,9 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "graygate_rollout_verdicts": ("counter", {"route", "verdict"}),
     "graygate_endpoint_available": ("gauge", {"route", "version", "endpoint"}),
     "graygate_inflight_requests": ("gauge", {"route", "version"}),
+    # Beyond section 6: several replicas (README, "Running several replicas").
+    "graygate_state_store_up": ("gauge", {"backend"}),
+    "graygate_controller_leader": ("gauge", set()),
 }
 # Exposed sample names of each family (counters carry the _total suffix).
 SAMPLE_NAMES = {
