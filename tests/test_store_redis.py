@@ -5,6 +5,7 @@ with takeover, refusal of stale writes, and clear errors for an unreachable or b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import shutil
@@ -343,6 +344,28 @@ async def test_controller_write_without_the_lease_changes_nothing(
         assert json.loads(client.hget(f"{prefix}:routes", "shop"))["revision"] == before.revision
     finally:
         client.close()
+
+
+async def test_a_write_whose_reply_was_lost_and_retried_counts_once(
+    redis_url, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    assert a.app.redis is not None
+    backend = a.app.redis.backend
+    real = backend.commit
+
+    async def replayed(route: str, expected: int, state: RouteState, fence: str = "") -> Any:
+        # The script ran, the reply was lost, the client retried: redis now holds `state`.
+        assert await real(route, expected, state, fence) == ("ok", None)
+        return await real(route, expected, state, fence)
+
+    backend.commit = replayed  # type: ignore[method-assign]
+    before, after = await a.app.redis.change(
+        "shop", lambda s: dataclasses.replace(s, weights=(("blue", 60), ("green", 40)))
+    )
+    assert after.revision == before.revision + 1
+    assert a.app.store.state("shop") == after
 
 
 async def test_redis_down_admin_503_changes_nothing_then_both_reconcile(

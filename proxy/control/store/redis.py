@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.control.store.events import Event, event_from_json, json_safe
@@ -123,9 +124,18 @@ class RedisStateStore:
         self.channel = f"{prefix}:changes"
         self.lease_key = f"{prefix}:lease"
         self.fence_key = f"{prefix}:fence"
-        # No retries inside the client: a down redis must surface at once (503, logged),
-        # and every loop here retries on its own schedule.
+        # One immediate retry, on a broken connection only: a pooled connection that a
+        # redis restart closed is replaced at once, while a down redis (refused) or a hung
+        # one (timeout) surfaces at once (503, logged); the loops here retry on their own.
         self.client: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        )
+        # The subscription never reconnects silently: notices sent while it was down are
+        # lost, so the replica must see the loss and re-read everything (RedisSync.follow).
+        self.notices: aioredis.Redis = aioredis.from_url(
             url,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
@@ -164,7 +174,7 @@ class RedisStateStore:
 
     async def subscribe(self) -> None:
         await self.unsubscribe()
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = self.notices.pubsub(ignore_subscribe_messages=True)
         await self.pubsub.subscribe(self.channel)
 
     async def load(self) -> tuple[dict[str, RouteState], list[Event]] | None:
@@ -268,4 +278,5 @@ class RedisStateStore:
 
     async def close(self) -> None:
         await self.unsubscribe()
+        await self.notices.aclose()
         await self.client.aclose()

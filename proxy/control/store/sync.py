@@ -112,6 +112,8 @@ class RedisSync:
                 except (RedisError, OSError) as exc:
                     raise self._unavailable(exc) from exc
                 self._reached(True)
+                if outcome == "stale" and stored == after:
+                    outcome = "ok"  # our write landed, its reply was lost and retried
                 if outcome == "ok":
                     # A newer state may have been adopted while the write was in flight.
                     if self.store.state(route).revision < after.revision:
