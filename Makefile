@@ -30,8 +30,9 @@ check: $(STAMP)
 bench: $(STAMP) tools
 	$(PY) -m benchmarks.run
 
+# A smoke run: written under /tmp so it never overwrites the published benchmarks/results/.
 bench-quick: $(STAMP) tools
-	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.run --quick --out $${TMPDIR:-/tmp}/graygate-bench-quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

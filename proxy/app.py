@@ -118,8 +118,11 @@ class App:
             token=config.admin.token,
             ready=lambda: not self.draining,
             stats=self.stats,
+            listen_host=config.admin.listen.host,
+            allowed_hosts=config.admin.allowed_hosts,
             writer=self.writer,
         )
+        self.admin_ctx = ctx
         self.admin_runner = web.AppRunner(make_admin_app(ctx), access_log=None)
         await self.admin_runner.setup()
         site = web.TCPSite(self.admin_runner, config.admin.listen.host, config.admin.listen.port)
@@ -185,6 +188,7 @@ class App:
             logger.warning("reload: listen addresses changed; they apply at the next restart")
         self.gateway.reconfigure(config)
         self.store.reconfigure(config)
+        self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
         self.gateway.upstreams.start_health_checks()
         self.config = config
         if self.redis is not None:

@@ -1,9 +1,11 @@
 import json
 import random
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import raw_request, route_config
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.metrics import make_registry
@@ -420,7 +422,9 @@ async def test_rollout_start_custom_steps_and_default_canary(h):
         ({"canary": "green", "steps": []}, "steps"),
         ({"canary": "green", "steps": "5,10"}, "steps"),
         ({"canary": "green", "steps": [5, 101]}, "steps[1]"),
-        ({"canary": "green", "steps": [5, {"pause": "soon"}]}, "steps[1]"),
+        ({"canary": "green", "steps": [5, {"pause": "soon"}]}, "steps[1].pause"),
+        ({"canary": "green", "steps": [50, 10]}, "steps[1]"),  # the config's rule: increasing
+        ({"canary": "green", "steps": [0, 100]}, "steps[0]"),  # and weights 1..100
         ({"canary": "green", "steps": [True]}, "steps[0]"),
         ({"canary": "green", "color": "x"}, "color"),
         (["green"], None),
@@ -430,6 +434,25 @@ async def test_rollout_start_invalid(h, body, field):
     before = h.store.state("shop")
     await expect_error(await post(h, "shop/rollout", body), 422, "invalid", field)
     assert h.store.state("shop") == before and h.events.since() == []
+
+
+async def test_rollout_steps_refused_with_the_message_of_graygate_check(h):
+    resp = await post(h, "shop/rollout", {"canary": "green", "steps": [10, 50, 25]})
+    body = await resp.json()
+    assert resp.status == 422
+    # What `graygate check` prints for the same list under routes[0].rollout.steps.
+    assert body["error"]["message"] == (
+        "steps[2]: steps must increase; the previous weight step is 50, got 25"
+    )
+
+
+async def test_weights_refused_with_the_message_of_graygate_check(h):
+    body = await (await put_weights(h, {"blue": 90, "green": 20})).json()
+    assert body["error"] == {
+        "code": "invalid",
+        "message": "weights must sum to 100, got 110",
+        "field": "weights",
+    }
 
 
 @pytest.mark.parametrize("action", ["pause", "resume", "promote", "abort"])
@@ -517,3 +540,261 @@ def test_exposure_public_needs_token(host):
     with pytest.raises(ValueError):
         check_admin_exposure(host, "")
     check_admin_exposure(host, "tok")
+
+
+# ---- Host and Origin: DNS rebinding and cross-site requests ---------------------------------
+# A page the operator visits can point its own name at 127.0.0.1 (DNS rebinding) or post to
+# the admin from another origin. The browser then sends that name as Host, and its own origin
+# as Origin / Sec-Fetch-Site; the admin refuses both before any handler runs.
+
+REBOUND_HOSTS = ["evil.example", "evil.example:9901", "127.0.0.1.evil.example", "localhost.evil"]
+CHECKED_PATHS = [
+    "/",
+    "/metrics",
+    "/api/v1/routes",
+    "/api/v1/routes/shop",
+    "/api/v1/events",
+    "/api/v1/stats",
+]
+
+
+@pytest.fixture
+async def hm(tmp_path):
+    """No token (the loopback default) and metrics on: the set-up rebinding aims at."""
+    harness = Harness(tmp_path, with_metrics=True)
+    async with TestClient(TestServer(make_admin_app(harness.ctx))) as client:
+        harness.client = client
+        yield harness
+
+
+def unchanged(h, before):
+    assert h.store.state("shop") == before
+    assert h.events.since() == [] and h.saves == 0
+
+
+@pytest.mark.parametrize("path", CHECKED_PATHS)
+@pytest.mark.parametrize("host", REBOUND_HOSTS)
+async def test_foreign_host_403_on_every_admin_path(hm, path, host):
+    resp = await hm.client.get(path, headers={"Host": host})
+    body = await expect_error(resp, 403, "forbidden_host", "Host")
+    assert host in body["error"]["message"]
+    assert "access-control-allow-origin" not in {k.lower() for k in resp.headers}
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("PUT", "/api/v1/routes/shop/weights", {"blue": 0, "green": 100}),
+        ("POST", "/api/v1/routes/shop/rollout", {"canary": "green"}),
+        ("POST", "/api/v1/routes/shop/rollback", {}),
+        ("POST", "/api/v1/reload", {}),
+    ],
+)
+async def test_foreign_host_mutation_403_changes_nothing(hm, method, path, body):
+    before = hm.store.state("shop")
+    policy = hm.store.policy
+    resp = await hm.client.request(method, path, json=body, headers={"Host": "evil.example:80"})
+    await expect_error(resp, 403, "forbidden_host", "Host")
+    unchanged(hm, before)
+    assert hm.store.policy is policy  # not even reloaded
+
+
+async def test_foreign_host_refused_before_the_token(ht):
+    # With a token the 403 still comes first: a rebound page learns nothing, not even a 401.
+    resp = await ht.client.get("/api/v1/routes", headers={"Host": "evil.example", **AUTH})
+    await expect_error(resp, 403, "forbidden_host", "Host")
+
+
+async def test_missing_host_403(hm):
+    port = hm.client.server.port
+    answer = await raw_request(port, b"GET /api/v1/routes HTTP/1.0\r\n\r\n")
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"403", answer[:80]
+    assert b'"code": "forbidden_host"' in answer
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:9901",
+        "LocalHost:1234",
+        "localhost.",
+        "127.0.0.1",
+        "127.0.0.1:9901",
+        "127.1.2.3:80",
+        "[::1]",
+        "[::1]:9901",
+    ],
+)
+async def test_loopback_hosts_accepted_with_any_port(hm, host):
+    # Any port: kubectl port-forward and ssh -L change it; rebinding controls only the name.
+    resp = await hm.client.get("/api/v1/routes", headers={"Host": host})
+    assert resp.status == 200, await resp.text()
+    resp = await hm.client.put(
+        "/api/v1/routes/shop/weights", json={"blue": 90, "green": 10}, headers={"Host": host}
+    )
+    assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+@pytest.mark.parametrize("host", ["10.244.1.7:9901", "evil.example", "graygate"])
+async def test_health_probes_answer_any_host(hm, path, host):
+    # kubelet probes send the pod IP (or a Service name) as Host; a probe changes nothing and
+    # tells nothing, so, as Envoy's and Traefik's ping endpoints, it is not checked.
+    resp = await hm.client.get(path, headers={"Host": host})
+    assert resp.status == 200, await resp.text()
+
+
+MUTATIONS = [
+    ("PUT", "/api/v1/routes/shop/weights", {"blue": 0, "green": 100}),
+    ("POST", "/api/v1/routes/shop/rollout", {"canary": "green"}),
+    ("POST", "/api/v1/reload", {}),
+]
+
+
+@pytest.mark.parametrize("method, path, body", MUTATIONS)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "null"},  # sandboxed frames, file:// pages, cross-origin redirects
+        {"Origin": "http://localhost:3000"},  # another local app: same site, other origin
+        {"Origin": "https://127.0.0.1:{port}"},  # same host and port, other scheme
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-site"},
+    ],
+    ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
+async def test_cross_site_mutation_403_changes_nothing(hm, method, path, body, headers):
+    port = hm.client.server.port
+    headers = {k: v.format(port=port) for k, v in headers.items()}
+    before = hm.store.state("shop")
+    policy = hm.store.policy
+    resp = await hm.client.request(method, path, json=body, headers=headers)
+    await expect_error(resp, 403, "cross_origin")
+    assert "access-control-allow-origin" not in {k.lower() for k in resp.headers}
+    unchanged(hm, before)
+    assert hm.store.policy is policy
+
+
+async def test_preflight_from_foreign_origin_refused_without_cors_grant(hm):
+    resp = await hm.client.options(
+        "/api/v1/routes/shop/weights",
+        headers={
+            "Origin": "http://evil.example",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type",
+            "Sec-Fetch-Site": "cross-site",
+            "Sec-Fetch-Mode": "cors",
+        },
+    )
+    await expect_error(resp, 403, "cross_origin")
+    assert not {k.lower() for k in resp.headers} & {
+        "access-control-allow-origin",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+    }
+
+
+async def test_cross_origin_read_gets_no_cors_grant(hm):
+    # A foreign page may send a GET (it changes nothing), but without
+    # Access-Control-Allow-Origin its script cannot read the answer.
+    resp = await hm.client.get(
+        "/api/v1/routes",
+        headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+    )
+    assert resp.status == 200
+    assert "access-control-allow-origin" not in {k.lower() for k in resp.headers}
+
+
+async def test_dashboard_in_a_browser_keeps_working(hm):
+    """What a browser sends when the operator opens http://127.0.0.1:PORT/ and the page
+    fetches the API (same-origin fetch: no Origin on GET; Origin on a PUT)."""
+    port = hm.client.server.port
+    own = f"http://127.0.0.1:{port}"
+    nav = {
+        "Host": f"127.0.0.1:{port}",
+        "Sec-Fetch-Site": "none",
+        "Sec-Fetch-Mode": "navigate",
+        "Sec-Fetch-Dest": "document",
+        "Accept": "text/html",
+    }
+    page = await hm.client.get("/", headers=nav)
+    assert page.status == 200 and page.content_type == "text/html"
+    fetch = {
+        "Host": f"127.0.0.1:{port}",
+        "Sec-Fetch-Site": "same-origin",
+        "Sec-Fetch-Mode": "cors",
+        "Sec-Fetch-Dest": "empty",
+        "Referer": own + "/",
+    }
+    for path in ("/api/v1/routes", "/api/v1/stats"):
+        resp = await hm.client.get(path, headers=fetch)
+        assert resp.status == 200, await resp.text()
+    resp = await hm.client.put(
+        "/api/v1/routes/shop/weights",
+        json={"blue": 80, "green": 20},
+        headers={**fetch, "Origin": own},
+    )
+    assert resp.status == 200, await resp.text()
+    assert dict(hm.store.state("shop").weights) == {"blue": 80, "green": 20}
+    # A bookmark or a link from a wiki: a cross-site navigation to the page is fine.
+    resp = await hm.client.get("/", headers={**nav, "Sec-Fetch-Site": "cross-site"})
+    assert resp.status == 200
+
+
+async def test_same_origin_mutation_through_localhost_name(hm):
+    port = hm.client.server.port
+    resp = await hm.client.post(
+        "/api/v1/routes/shop/rollout",
+        json={"canary": "green"},
+        headers={
+            "Host": f"localhost:{port}",
+            "Origin": f"http://localhost:{port}",
+            "Sec-Fetch-Site": "same-origin",
+        },
+    )
+    assert resp.status == 200, await resp.text()
+
+
+async def test_allowed_hosts_through_the_real_app(upstreams, gateway):
+    """admin.allowed_hosts from the config file, through the real App and its listener."""
+    blue = await upstreams("blue")
+    gw = await gateway(
+        [route_config(blue.url)],
+        admin={"allowed_hosts": ["graygate.internal", "[fd00::1]", "10.0.0.5"]},
+    )
+    url = gw.admin_url + "/api/v1/routes/shop/weights"
+    async with aiohttp.ClientSession() as s:
+        for host in ("graygate.internal", "GRAYGATE.internal:9901", "[fd00::1]:80", "10.0.0.5"):
+            async with s.get(gw.admin_url + "/api/v1/routes", headers={"Host": host}) as r:
+                assert r.status == 200, (host, await r.text())
+        for host in ("other.internal", "graygate.internal.evil.example", "10.0.0.6"):
+            async with s.put(url, json={"blue": 0}, headers={"Host": host}) as r:
+                await expect_error(r, 403, "forbidden_host", "Host")
+        async with s.get(gw.admin_url + "/metrics", headers={"Host": "evil.example"}) as r:
+            await expect_error(r, 403, "forbidden_host", "Host")
+        async with s.get(gw.admin_url + "/healthz", headers={"Host": "evil.example"}) as r:
+            assert r.status == 200
+    assert dict(gw.app.store.state("shop").weights) == {"blue": 100}
+
+
+@pytest.mark.parametrize(
+    "host, local, allowed, ok",
+    [
+        ("10.1.2.3:9901", "10.1.2.3", (), True),  # the address this connection came in on
+        ("[fd00::7]:9901", "fd00::7", (), True),
+        ("10.1.2.4:9901", "10.1.2.3", (), False),
+        ("admin.example", "10.1.2.3", ("admin.example",), True),
+        ("anything.example", "10.1.2.3", ("*",), True),
+        ("", "127.0.0.1", ("*",), False),  # no Host at all: never a browser, still refused
+        ("evil.example", "127.0.0.1", (), False),
+        ("127.0.0.1", "10.1.2.3", (), True),
+    ],
+)
+def test_host_names_listener(host, local, allowed, ok):
+    from proxy.control.admin import host_allowed
+
+    assert host_allowed(host, local, "0.0.0.0", allowed) is ok

@@ -74,6 +74,8 @@ def test_example_file_parses_every_key():
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("10.0.0.0/8"),
     )
+    assert cfg.forwarded_for == "append"
+    assert cfg.admin.allowed_hosts == ("graygate.internal",)
     r = cfg.routes[0]
     assert r.version_names == ("blue", "green")
     assert r.weights == (("blue", 100), ("green", 0))
@@ -187,6 +189,27 @@ def test_listen_forms_and_lowercase_hosts():
     eps = cfg.routes[0].version("blue").endpoints
     assert (eps[0].url, eps[0].host, eps[0].port) == ("http://[::1]:9001", "::1", 9001)
     assert (eps[1].host, eps[1].port) == ("backend.local", 80)
+
+
+def test_forwarded_for_and_allowed_hosts():
+    cfg = parse_config(base(), {})
+    assert cfg.forwarded_for == "append"
+    assert cfg.admin.allowed_hosts == ()
+    d = {
+        **base(),
+        "forwarded_for": "replace",
+        "admin": {"allowed_hosts": ["Graygate.Internal.", "10.0.0.5", "[FD00::1]", "fd00::2", "*"]},
+    }
+    cfg = parse_config(d, {})
+    assert cfg.forwarded_for == "replace"
+    # Compared as the Host header's name part: lowercase, no trailing dot, brackets kept.
+    assert cfg.admin.allowed_hosts == (
+        "graygate.internal",
+        "10.0.0.5",
+        "[fd00::1]",
+        "[fd00::2]",
+        "*",
+    )
 
 
 def test_version_header_can_be_disabled():
@@ -369,7 +392,7 @@ REFUSALS = [
     (
         "weights missing version",
         _set(*R, "weights", {"blue": 100}),
-        "routes[0].weights",
+        "routes[0].weights.green",  # the missing key itself, as the API reports it
         "missing weight for version green",
     ),
     (
@@ -774,6 +797,44 @@ REFUSALS = [
         "must be a list",
     ),
     ("version header", _set("version_header", "X Version"), "version_header", "header name"),
+    ("forwarded_for", _set("forwarded_for", "prepend"), "forwarded_for", "append, replace"),
+    ("forwarded_for bool", _set("forwarded_for", True), "forwarded_for", "append, replace"),
+    (
+        "allowed hosts not list",
+        _set("admin", {"allowed_hosts": "graygate.internal"}),
+        "admin.allowed_hosts",
+        "must be a list",
+    ),
+    (
+        "allowed host url",
+        _set("admin", {"allowed_hosts": ["ok.internal", "http://graygate.internal"]}),
+        "admin.allowed_hosts[1]",
+        "host name or IP address",
+    ),
+    (
+        "allowed host port",
+        _set("admin", {"allowed_hosts": ["graygate.internal:9901"]}),
+        "admin.allowed_hosts[0]",
+        "without a port",
+    ),
+    (
+        "allowed host empty",
+        _set("admin", {"allowed_hosts": [""]}),
+        "admin.allowed_hosts[0]",
+        "must not be empty",
+    ),
+    (
+        "allowed host wildcard part",
+        _set("admin", {"allowed_hosts": ["*.internal"]}),
+        "admin.allowed_hosts[0]",
+        'or "*"',
+    ),
+    (
+        "allowed host int",
+        _set("admin", {"allowed_hosts": [9901]}),
+        "admin.allowed_hosts[0]",
+        "must be a string",
+    ),
     ("state backend", _set("state", {"backend": "sqlite"}), "state.backend", "file, redis"),
     ("redis url", _set("state", {"redis_url": "http://r"}), "state.redis_url", "redis://"),
     (

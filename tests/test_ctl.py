@@ -206,3 +206,40 @@ async def test_argparse_wiring_runs_commands(admin, capsys, monkeypatch):
         parser().parse_args(["rollout", "start", "shop", "--steps", "5,abc"])
     with pytest.raises(SystemExit):
         parser().parse_args(["rollout", "explode", "shop"])
+
+
+def test_steps_refused_by_the_config_files_rule(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["rollout", "start", "shop", "--steps", "50,10"])
+    assert exc.value.code == 2
+    # The same words `graygate check` and the admin API use for the list.
+    assert "--steps[1]: steps must increase; the previous weight step is 50, got 10" in (
+        capsys.readouterr().err
+    )
+
+
+# ---- Host checks (DNS rebinding): the CLI keeps working through the names it is given -------
+
+
+async def test_cli_through_localhost_name_changes_weights(admin, capsys):
+    url = admin.url.replace("127.0.0.1", "localhost")
+    code = await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False)
+    assert code == 0, capsys.readouterr().err
+    assert dict(admin.store.state("shop").weights) == {"blue": 60, "green": 40}
+
+
+async def test_cli_refused_for_a_name_the_admin_does_not_know(admin, capsys):
+    # 0.0.0.0 reaches the loopback listener on Linux but names no host of the admin (the
+    # "0.0.0.0 day" rebinding trick), so it stands for any foreign name, with no DNS.
+    alias = "0.0.0.0"
+    url = admin.url.replace("127.0.0.1", alias)
+    before = admin.store.state("shop")
+    code = await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "forbidden_host" in err and "admin.allowed_hosts" in err
+    assert admin.store.state("shop") == before and admin.events.since() == []
+
+    admin.ctx.allowed_hosts = (alias.lower(),)
+    assert await ctl.weights(url, None, "shop", ["blue=60", "green=40"], None, None, False) == 0
+    assert dict(admin.store.state("shop").weights) == {"blue": 60, "green": 40}

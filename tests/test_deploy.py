@@ -21,7 +21,7 @@ from aiohttp import web
 from conftest import ROOT, route_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.control.admin import AdminContext, make_admin_app
+from proxy.control.admin import AdminContext, host_allowed, make_admin_app
 from proxy.control.store.events import EventLog
 from proxy.core.config import Config, parse_config, parse_duration
 from proxy.core.state import PolicyStore
@@ -134,6 +134,8 @@ def test_compose_replicas_balancer_and_prometheus_agree_with_the_config():
     assert job["metrics_path"] in gets
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"{name}:{config.admin.listen.port}" for name in replicas}
+    for target in targets:  # the admin answers the Host prometheus sends
+        assert host_allowed(target, "172.18.0.5", "0.0.0.0", config.admin.allowed_hosts)
     assert seconds(prom["global"]["scrape_interval"]) == analysis.prometheus.scrape_interval
     mounts = compose_mounts(services["prometheus"])
     assert mounts[prom["rule_files"][0]] == ALERTS.resolve()
@@ -208,6 +210,10 @@ def test_kubernetes_manifests_agree_with_the_config_and_admin_routes():
         service = objs[("Service", name)]["spec"]
         assert service["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in service["ports"]} <= set(ports)
+    # The admin answers the Service's name (the CLI) and the pod IP (prometheus' target).
+    allowed = config.admin.allowed_hosts
+    assert host_allowed("graygate-admin:9901", "10.1.2.3", config.admin.listen.host, allowed)
+    assert host_allowed("10.1.2.3:9901", "10.1.2.3", config.admin.listen.host, allowed)
 
     # Redis: the Service the config's redis_url names.
     redis_url = urllib.parse.urlsplit(config.state.redis_url)

@@ -30,6 +30,32 @@ async def test_access_log_off_by_default_and_on_when_configured(
     assert "hunter2" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "trusted, sent, logged",
+    [
+        # An untrusted peer is logged as itself, whatever X-Forwarded-For it sends.
+        ([], "203.0.113.7", "127.0.0.1"),
+        # Behind a trusted proxy: the rightmost address that is not a trusted proxy.
+        (["127.0.0.1/32", "10.0.0.0/8"], "198.51.100.1, 203.0.113.7, 10.1.1.1", "203.0.113.7"),
+        (["127.0.0.1/32"], "not-an-address", "127.0.0.1"),
+    ],
+)
+async def test_access_log_names_the_client_through_trusted_proxies(
+    upstreams, gateway, caplog: pytest.LogCaptureFixture, trusted, sent, logged
+) -> None:
+    blue = await upstreams("blue")
+    gw = await gateway([route_config(blue.url)], access_log=True, trusted_proxies=trusted)
+    caplog.set_level(logging.INFO, logger="graygate.access")
+    answer = await raw_request(
+        gw.port,
+        b"GET /who HTTP/1.1\r\nHost: shop\r\nX-Forwarded-For: %s\r\n"
+        b"Connection: close\r\n\r\n" % sent.encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "graygate.access"]
+    assert line.startswith(f"{logged} GET /who 200 "), line
+
+
 @pytest.mark.parametrize("together", [False, True], ids=["later-write", "same-write"])
 async def test_bytes_beyond_content_length_are_not_forwarded(gateway, together: bool) -> None:
     """An upstream that sends more than its Content-Length: the client gets exactly the

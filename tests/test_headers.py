@@ -53,7 +53,9 @@ def req(
     default_host: bytes = b"127.0.0.1:9001",
     method: bytes = b"GET",
     target: bytes = b"/",
+    forwarded_for: str = "append",
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    extra = {} if forwarded_for == "append" else {"replace_for": True}
     return parse(
         request_head(
             method,
@@ -66,6 +68,7 @@ def req(
             default_host,
             upgrade=upgrade,
             chunked=chunked,
+            **extra,
         )
     )
 
@@ -225,18 +228,46 @@ def test_request_default_host_when_absent() -> None:
     assert values(fields, b"x-forwarded-host") == [b"10.1.2.3:9001"]
 
 
-def test_request_forwarding_headers_from_untrusted_are_replaced() -> None:
-    headers = [
-        (b"host", b"shop"),
-        (b"x-forwarded-for", b"6.6.6.6"),
-        (b"x-forwarded-for", b"7.7.7.7"),
-        (b"x-forwarded-proto", b"https"),
-        (b"x-forwarded-host", b"evil.example"),
-    ]
-    _, fields = req(headers, client_ip=b"10.0.0.1", trusted=False)
+UNTRUSTED_FORWARDING = [
+    (b"host", b"shop"),
+    (b"x-forwarded-for", b"6.6.6.6"),
+    (b"x-forwarded-proto", b"https"),
+    (b"x-forwarded-for", b"7.7.7.7, 8.8.8.8"),
+    (b"x-forwarded-host", b"evil.example"),
+]
+
+
+def test_request_for_from_untrusted_is_appended_proto_and_host_replaced() -> None:
+    # DESIGN.md section 3, as nginx's $proxy_add_x_forwarded_for and Envoy: the chain the
+    # client sent (every line, in order) plus the address graygate saw. Only the last entry
+    # is graygate's word; Proto and Host are graygate's own unless the peer is trusted.
+    _, fields = req(UNTRUSTED_FORWARDING, client_ip=b"10.0.0.1", trusted=False)
+    assert values(fields, b"x-forwarded-for") == [b"6.6.6.6, 7.7.7.7, 8.8.8.8, 10.0.0.1"]
+    assert values(fields, b"x-forwarded-proto") == [b"http"]
+    assert values(fields, b"x-forwarded-host") == [b"shop"]
+
+
+def test_request_for_empty_incoming_line_adds_no_empty_entry() -> None:
+    headers = [(b"host", b"shop"), (b"x-forwarded-for", b""), (b"x-forwarded-for", b"6.6.6.6")]
+    _, fields = req(headers, client_ip=b"10.0.0.1")
+    assert values(fields, b"x-forwarded-for") == [b"6.6.6.6, 10.0.0.1"]
+
+
+def test_request_for_replace_drops_the_chain_of_an_untrusted_peer() -> None:
+    _, fields = req(
+        UNTRUSTED_FORWARDING, client_ip=b"10.0.0.1", trusted=False, forwarded_for="replace"
+    )
     assert values(fields, b"x-forwarded-for") == [b"10.0.0.1"]
     assert values(fields, b"x-forwarded-proto") == [b"http"]
     assert values(fields, b"x-forwarded-host") == [b"shop"]
+
+
+def test_request_for_replace_still_extends_a_trusted_proxys_chain() -> None:
+    # `replace` is the behaviour before append: a trusted proxy's chain is what
+    # trusted_proxies is for, so it is kept in both modes.
+    headers = [(b"host", b"shop"), (b"x-forwarded-for", b"1.1.1.1")]
+    _, fields = req(headers, client_ip=b"10.0.0.1", trusted=True, forwarded_for="replace")
+    assert values(fields, b"x-forwarded-for") == [b"1.1.1.1, 10.0.0.1"]
 
 
 def test_request_forwarding_headers_from_trusted_are_extended() -> None:
@@ -431,6 +462,36 @@ def test_is_trusted_ipv4_mapped_ipv6_peer() -> None:
     # IPv4 network must still match them (nginx's set_real_ip_from does).
     assert is_trusted("::ffff:10.0.0.1", NETS) is True
     assert is_trusted("::ffff:11.0.0.1", NETS) is False
+
+
+# -- client_address: the address graygate attributes a request to --------------------------------
+
+
+@pytest.mark.parametrize(
+    "peer,chain,expected",
+    [
+        # An untrusted peer is the client, whatever it claims.
+        ("203.0.113.9", [b"1.2.3.4"], "203.0.113.9"),
+        ("127.0.0.1", [b"10.0.0.1"], "127.0.0.1"),
+        # A trusted peer: the rightmost entry that is not itself a trusted proxy.
+        ("10.0.0.1", [b"198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.1", [b"6.6.6.6, 198.51.100.7", b"10.0.0.2"], "198.51.100.7"),
+        ("10.0.0.1", [b"6.6.6.6", b"198.51.100.7 , 10.0.0.2,fd00::9"], "198.51.100.7"),
+        ("::ffff:10.0.0.1", [b"2001:db8::5"], "2001:db8::5"),
+        # Nothing usable to the left: the last trusted hop seen.
+        ("10.0.0.1", [], "10.0.0.1"),
+        ("10.0.0.1", [b"10.0.0.3"], "10.0.0.3"),
+        ("10.0.0.1", [b"6.6.6.6, unknown, 10.0.0.2"], "10.0.0.2"),
+        ("10.0.0.1", [b"x\r\ninjected"], "10.0.0.1"),
+        ("10.0.0.1", [b""], "10.0.0.1"),
+    ],
+)
+def test_client_address_walks_the_chain_through_trusted_proxies(
+    peer: str, chain: list[bytes], expected: str
+) -> None:
+    from proxy.core.headers import client_address
+
+    assert client_address(peer, chain, NETS) == expected
 
 
 # -- property: hop-by-hop never leaks, everything else passes through unchanged --------------------

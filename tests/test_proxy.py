@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -450,7 +451,7 @@ async def test_response_hop_by_hop_fields_are_removed(raw_upstreams, gateway, cl
 # -- forwarding headers -------------------------------------------------------------------------
 
 
-async def test_forwarded_headers_from_untrusted_client_are_replaced(upstreams, gateway, clients):
+async def test_forwarded_for_from_untrusted_client_is_appended(upstreams, gateway, clients):
     async def with_via(request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok", headers={"Via": "1.1 backend"})
 
@@ -463,11 +464,84 @@ async def test_forwarded_headers_from_untrusted_client_are_replaced(upstreams, g
     )
     assert resp.status == 200
     seen = blue.requests[-1]
-    assert header_values(seen, "x-forwarded-for") == ["127.0.0.1"]
+    # The incoming chain plus the peer (DESIGN.md section 3); Proto and Host are replaced.
+    assert header_values(seen, "x-forwarded-for") == ["6.6.6.6, 127.0.0.1"]
     assert header_values(seen, "x-forwarded-proto") == ["http"]
     assert header_values(seen, "x-forwarded-host") == ["shop.test:8080"]
     assert header_values(seen, "via") == ["1.1 graygate"]
     assert resp.all("via") == ["1.1 backend, 1.1 graygate"]
+
+
+async def echo_forwarding(request: web.Request) -> web.StreamResponse:
+    """An upstream that answers with the forwarding headers it received, every line."""
+    names = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via")
+    return web.json_response({n: request.headers.getall(n, []) for n in names})
+
+
+FORWARDING_REQUEST = (
+    b"GET /who HTTP/1.1\r\nHost: shop.test\r\n"
+    b"X-Forwarded-For: 203.0.113.7, 198.51.100.2\r\n"
+    b"X-Forwarded-Proto: https\r\n"
+    b"X-Forwarded-For: 192.0.2.44\r\n"
+    b"X-Forwarded-Host: evil.example\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "trusted, mode, want_for, want_proto, want_host",
+    [
+        # append (the default): the whole incoming chain, in order, then the peer.
+        ([], None, "203.0.113.7, 198.51.100.2, 192.0.2.44, 127.0.0.1", "http", "shop.test"),
+        ([], "append", "203.0.113.7, 198.51.100.2, 192.0.2.44, 127.0.0.1", "http", "shop.test"),
+        # replace: an untrusted peer's chain is dropped, only the peer is sent.
+        ([], "replace", "127.0.0.1", "http", "shop.test"),
+        # A trusted proxy's chain, Proto and Host are kept in both modes.
+        (
+            ["127.0.0.1/32"],
+            "append",
+            "203.0.113.7, 198.51.100.2, 192.0.2.44, 127.0.0.1",
+            "https",
+            "evil.example",
+        ),
+        (
+            ["127.0.0.1/32"],
+            "replace",
+            "203.0.113.7, 198.51.100.2, 192.0.2.44, 127.0.0.1",
+            "https",
+            "evil.example",
+        ),
+    ],
+    ids=["default", "append", "replace", "trusted-append", "trusted-replace"],
+)
+async def test_forwarding_headers_as_an_echoing_upstream_sees_them(
+    upstreams, gateway, clients, trusted, mode, want_for, want_proto, want_host
+):
+    blue = await upstreams("blue", echo_forwarding)
+    top: dict[str, Any] = {"timeouts": FAST, "trusted_proxies": trusted}
+    if mode is not None:
+        top["forwarded_for"] = mode
+    gw = await gateway([route_config(blue.url)], **top)
+    c = await clients(gw.port)
+    for _ in range(2):  # the second on the same keep-alive connection, pooled upstream
+        resp = await c.request(FORWARDING_REQUEST)
+        assert resp.status == 200, resp.body
+        echoed = json.loads(resp.body)
+        assert echoed["X-Forwarded-For"] == [want_for]
+        assert echoed["X-Forwarded-Proto"] == [want_proto]
+        assert echoed["X-Forwarded-Host"] == [want_host]
+        assert echoed["Via"] == ["1.1 graygate"]
+
+
+async def test_forwarded_for_appended_for_an_aiohttp_client(upstreams, gateway):
+    blue = await upstreams("blue", echo_forwarding)
+    gw = await gateway([route_config(blue.url)], timeouts=FAST)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(gw.url + "/", headers={"X-Forwarded-For": "10.9.8.7"}) as r,
+    ):
+        assert r.status == 200
+        echoed = await r.json()
+    assert echoed["X-Forwarded-For"] == ["10.9.8.7, 127.0.0.1"]
 
 
 async def test_forwarded_chain_kept_from_trusted_proxy(upstreams, gateway, clients):

@@ -1,5 +1,5 @@
-"""The admin HTTP contract (DESIGN.md section 5) on aiohttp: health, metrics, dashboard and
-the /api/v1 routes, weights, rollout, events and reload calls.
+"""The admin HTTP contract (docs/admin-api.md) on aiohttp: health, metrics, dashboard and
+the /api/v1 routes, weights, rollout, events and reload calls; only for a Host naming it.
 Changes state only through PolicyStore.replace(); every change is persisted and becomes an
 event. Never touches the data plane directly.
 """
@@ -24,7 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 from proxy.control.store.events import EventLog, json_safe
 from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core import rollout
-from proxy.core.config import ConfigError, PauseStep, RouteConfig, Step, WeightStep, parse_duration
+from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
 from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
 from proxy.core.stats import BUCKETS, Stats, is_error
 
@@ -47,6 +47,8 @@ class AdminContext:
     ready: Callable[[], bool]
     now: Callable[[], float] = time.time
     stats: Stats | None = None
+    listen_host: str = ""  # admin.listen's host: a Host naming it is ours
+    allowed_hosts: tuple[str, ...] = ()  # admin.allowed_hosts, normalised by the config
     # Where a change becomes durable before it is answered; None: this process (LocalWriter).
     writer: StateWriter | None = None
 
@@ -105,6 +107,92 @@ def check_admin_exposure(listen_host: str, token: str | None) -> None:
     )
 
 
+# ---- Host and Origin -----------------------------------------------------------------------
+# DNS rebinding: a page the operator visits points its own name at 127.0.0.1; the browser
+# then sends that name as Host. Cross-site requests: a page posts to http://127.0.0.1:9901
+# with its own Origin. Both are refused before auth and before any handler. Probes are
+# exempt: kubelet sends the pod IP (or whatever `host:` says) and a probe changes nothing.
+
+UNCHECKED_PATHS = frozenset({"/healthz", "/readyz"})
+SAFE_METHODS = frozenset({"GET", "HEAD"})  # OPTIONS is checked: a CORS preflight is not safe
+SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # none: typed URL, bookmark, curl
+
+
+def _host_name(value: str) -> str | None:
+    """The name part of a Host value, as compared: lowercase, no port, no trailing dot,
+    IP addresses in compressed form and IPv6 in brackets; None when malformed."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        port = text[end + 1 :]
+        if end < 0 or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        try:
+            ip6 = ipaddress.IPv6Address(text[1:end])
+        except ValueError:
+            return None
+        v4 = ip6.ipv4_mapped
+        return v4.compressed if v4 is not None else f"[{ip6.compressed}]"
+    name, sep, port = text.rpartition(":")
+    if not sep:
+        name = text
+    elif not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    if not name or any(c in name for c in ":[]/@ "):
+        return None
+    with contextlib.suppress(ValueError):  # a name, not an address: compared as it is
+        return ipaddress.IPv4Address(name).compressed
+    return name
+
+
+def _address_name(host: str) -> str | None:
+    """A listen or socket host ("::1", "10.0.0.5", "admin.local") as _host_name gives it."""
+    return _host_name(f"[{host}]" if ":" in host else host)
+
+
+def host_allowed(host: str, local_ip: str, listen_host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header value names this admin listener: localhost or a loopback
+    address, the listen host, the address the connection arrived on (so a pod IP works on
+    a wildcard listener), or an `allowed` name; "*" allows any. The port is not compared:
+    rebinding controls only the name, and port-forwards change the port.
+
+    >>> host_allowed("localhost:8000", "127.0.0.1", "127.0.0.1", ())
+    True
+    >>> host_allowed("evil.example:9901", "127.0.0.1", "127.0.0.1", ())
+    False
+    """
+    name = _host_name(host) if host else None
+    if name is None:
+        return False
+    if "*" in allowed or name == "localhost" or name in allowed:
+        return True
+    if listen_host not in ("0.0.0.0", "::", "") and name == _address_name(listen_host):
+        return True
+    if local_ip and name == _address_name(local_ip):
+        return True
+    with contextlib.suppress(ValueError):  # a name, and none of ours
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    return False
+
+
+def _cross_origin(request: web.Request) -> tuple[str, str] | None:
+    """(field, message) when a request comes from a page of another origin than ours."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in SAME_ORIGIN_FETCH:
+        return "Sec-Fetch-Site", f"Sec-Fetch-Site: {site}: only same-origin pages may change state"
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        own = "http://" + request.headers.get("Host", "").strip().lower()
+        if origin.strip().lower() != own:
+            return "Origin", f"Origin {origin!r} is not this admin's own origin {own!r}"
+    return None
+
+
+def _forbidden(code: str, message: str, field: str) -> web.Response:
+    return _json(_error_body(code, message, field), 403)
+
+
 # ---- middlewares ---------------------------------------------------------------------------
 
 _STATUS_CODES = {
@@ -142,6 +230,29 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         logger.exception("admin %s %s failed", request.method, request.path)
         return _json(_error_body("internal", "internal error; see the graygate log"), 500)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in UNCHECKED_PATHS:
+        return await handler(request)
+    ctx = request.app[CTX]
+    host = request.headers.get("Host", "")
+    transport = request.transport
+    sock = transport.get_extra_info("sockname") if transport is not None else None
+    local_ip = sock[0] if isinstance(sock, tuple) else ""
+    if not host_allowed(host, local_ip, ctx.listen_host, ctx.allowed_hosts):
+        return _forbidden(
+            "forbidden_host",
+            f"Host {host!r} does not name this admin listener; "
+            "use localhost or its address, or list the name in admin.allowed_hosts",
+            "Host",
+        )
+    if request.method not in SAFE_METHODS:
+        refused = _cross_origin(request)
+        if refused is not None:
+            return _forbidden("cross_origin", refused[1], refused[0])
+    return await handler(request)
 
 
 @web.middleware
@@ -391,27 +502,11 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 def _validate_weights(route: RouteConfig, body: Any) -> tuple[tuple[str, int], ...]:
-    names = route.version_names
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid", "body must be a JSON object of version -> weight")
-    for key in body:
-        if key not in names:
-            raise ApiError(
-                422,
-                "invalid",
-                f"unknown version {key!r}; route {route.name!r} has {', '.join(names)}",
-                key,
-            )
-    for name in names:
-        if name not in body:
-            raise ApiError(422, "invalid", f"missing weight for version {name!r}", name)
-        w = body[name]
-        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 100:
-            raise ApiError(422, "invalid", f"{name}: must be an integer 0..100, got {w!r}", name)
-    total = sum(body[n] for n in names)
-    if total != 100:
-        raise ApiError(422, "invalid", f"weights must sum to 100, got {total}", "weights")
-    return tuple((n, body[n]) for n in names)
+    # The config file's rule and message; fields name the version ("green"), or "weights".
+    try:
+        return parse_weights(body, "", route.version_names)
+    except ConfigError as exc:
+        raise ApiError(422, "invalid", str(exc), exc.path or "weights") from exc
 
 
 async def _put_weights(request: web.Request) -> web.Response:
@@ -442,33 +537,11 @@ async def _put_weights(request: web.Request) -> web.Response:
 
 
 def _parse_steps(raw: Any) -> tuple[Step, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(422, "invalid", "steps must be a non-empty list", "steps")
-    steps: list[Step] = []
-    for i, s in enumerate(raw):
-        where = f"steps[{i}]"
-        if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 100:
-            steps.append(WeightStep(s))
-            continue
-        if isinstance(s, dict) and set(s) == {"pause"}:
-            p = s["pause"]
-            if p is True:
-                steps.append(PauseStep(None))
-                continue
-            if isinstance(p, int | float) and not isinstance(p, bool) and p > 0:
-                steps.append(PauseStep(float(p)))
-                continue
-            if isinstance(p, str):
-                with contextlib.suppress(ConfigError, ValueError):  # refused just below
-                    steps.append(PauseStep(parse_duration(p)))
-                    continue
-        raise ApiError(
-            422,
-            "invalid",
-            f"{where}: must be a weight 0..100 or {{'pause': true | seconds | '10m'}}, got {s!r}",
-            where,
-        )
-    return tuple(steps)
+    # The config file's rule and message, so `graygate check` and the API agree.
+    try:
+        return parse_steps(raw, "steps")
+    except ConfigError as exc:
+        raise ApiError(422, "invalid", str(exc), exc.path) from exc
 
 
 async def _start_rollout(request: web.Request) -> web.Response:
@@ -563,7 +636,7 @@ async def _reload(request: web.Request) -> web.Response:
 
 
 def make_admin_app(ctx: AdminContext) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[_errors, _guard, _auth], client_max_size=1024 * 1024)
     app[CTX] = ctx
     r = app.router
     r.add_get("/", _dashboard)

@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from proxy.core.config import ConfigError, parse_steps
+
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TIMEOUT = 5.0
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "promote", "abort")
@@ -309,8 +311,10 @@ def _steps_arg(text: str) -> list[int]:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected weights like 5,10,50, got {text!r}") from None
-    if not steps or any(not 0 <= s <= 100 for s in steps):
-        raise argparse.ArgumentTypeError(f"steps must be weights 0..100, got {text!r}")
+    try:
+        parse_steps(steps, "--steps")  # the config file's rule and message
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return steps
 
 

@@ -1,4 +1,4 @@
-"""Every Prometheus metric name and label of graygate (DESIGN.md section 6).
+"""Every Prometheus metric name and label of graygate (the contract in README "Metrics").
 
 A custom collector renders stats.Stats, the routing policy and endpoint health at scrape
 time, so the hot path only bumps plain counters (Counter.labels().inc() costs microseconds).

@@ -6,6 +6,7 @@ Every error is a ConfigError naming the dotted key, the bad value and what is al
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -26,6 +27,8 @@ Backend = Literal["file", "redis"]
 BACKENDS: tuple[Backend, ...] = ("file", "redis")
 OnFailure = Literal["rollback", "pause"]
 ON_FAILURE: tuple[OnFailure, ...] = ("rollback", "pause")
+ForwardedFor = Literal["append", "replace"]
+FORWARDED_FOR: tuple[ForwardedFor, ...] = ("append", "replace")
 SourceName = Literal["local", "prometheus"]
 SOURCES: tuple[SourceName, ...] = ("local", "prometheus")
 
@@ -205,6 +208,9 @@ class RouteConfig:
 class AdminConfig:
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 9901))
     token: str | None = None  # from `token:` (after ${ENV} expansion) or `token_file:`
+    # Host names (lowercase, IPv6 in brackets, no port) the admin answers besides loopback
+    # and its listen address; "*" answers any Host. See admin.host_allowed.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    forwarded_for: ForwardedFor = "append"  # replace: drop an untrusted peer's chain
     version_header: str | None = "X-Graygate-Version"  # None: do not add it
     via: str = "graygate"  # pseudonym in Via: "1.1 graygate"
     grace_period: float = 30.0  # SIGTERM drain time
@@ -557,6 +564,7 @@ _TOP_KEYS = (
     "timeouts",
     "limits",
     "trusted_proxies",
+    "forwarded_for",
     "version_header",
     "via",
     "grace_period",
@@ -586,7 +594,7 @@ _SOURCE_KEYS = ("source", "prometheus")  # the top-level `analysis:` holds only 
 
 
 def _admin(value: object, path: str) -> AdminConfig:
-    t = _table(value, path, ("listen", "token", "token_file"))
+    t = _table(value, path, ("listen", "token", "token_file", "allowed_hosts"))
     listen = AdminConfig().listen
     if "listen" in t:
         listen = parse_address(t["listen"], _key(path, "listen"))
@@ -609,7 +617,31 @@ def _admin(value: object, path: str) -> AdminConfig:
             f"is required when admin.listen ({listen}) is not a loopback address; "
             "set admin.token or admin.token_file",
         )
-    return AdminConfig(listen=listen, token=token)
+    hosts_path = _key(path, "allowed_hosts")
+    hosts = _list(t.get("allowed_hosts", []), hosts_path, 'host names or IPs ("graygate.internal")')
+    allowed = tuple(_allowed_host(h, f"{hosts_path}[{i}]") for i, h in enumerate(hosts))
+    return AdminConfig(listen=listen, token=token, allowed_hosts=allowed)
+
+
+def _allowed_host(value: object, path: str) -> str:
+    """One admin.allowed_hosts entry, as the name part of a Host header compares to it."""
+    help_ = (
+        'must be a host name or IP address without a port or scheme ("graygate.internal"), or "*"'
+    )
+    text = _str(value, path).strip().lower()
+    if text == "*":
+        return text
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    with contextlib.suppress(ValueError):  # not an address: a name, checked below
+        ip = ipaddress.ip_address(bare)
+        return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and _is_hostname(host.rstrip(".")):
+        _fail(path, f"{help_}; write it without a port (the port is never compared)", value)
+    text = text.rstrip(".")
+    if not _is_hostname(text):
+        _fail(path, help_, value)
+    return text
 
 
 def _str_or_empty(value: object, path: str) -> str:
@@ -737,6 +769,12 @@ def _weights(
 ) -> tuple[tuple[str, int], ...]:
     if value is None:
         return tuple((n, 100 if n == stable else 0) for n in names)
+    return parse_weights(value, path, names)
+
+
+def parse_weights(value: object, path: str, names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """Weights for every version (integers 0..100 summing to 100), in `names` order. The one
+    rule for the config file, the admin API and stored states; errors name `path.version`."""
     if not isinstance(value, dict):
         _fail(path, f"must be a mapping of version -> percent for {', '.join(names)}", value)
     for k in value:
@@ -745,7 +783,7 @@ def _weights(
     weights = []
     for n in names:
         if n not in value:
-            _fail(path, f"missing weight for version {n}; give every version a weight")
+            _fail(_key(path, n), f"missing weight for version {n}; give every version a weight")
         weights.append((n, _int(value[n], _key(path, n), 0, 100)))
     total = sum(w for _, w in weights)
     if total != 100:
@@ -861,7 +899,9 @@ def _health_check(value: object, path: str) -> HealthCheckConfig | None:
     )
 
 
-def _steps(value: object, path: str) -> tuple[Step, ...]:
+def parse_steps(value: object, path: str) -> tuple[Step, ...]:
+    """Rollout steps: weights 1..100 strictly increasing, and pause entries. The one rule
+    for the config file, `POST .../rollout` and `graygate rollout start --steps`."""
     help_ = "weights 1..100 and {pause: true} / {pause: <duration>} entries"
     items = _list(value, path, help_)
     if not items:
@@ -1015,7 +1055,7 @@ def _rollout(value: object, path: str, inherited: AnalysisConfig | None = None) 
     analysis = _analysis(t.get("analysis"), _key(path, "analysis"), inherited)
     _check_window(interval, analysis, path)
     return RolloutConfig(
-        steps=_steps(t["steps"], _key(path, "steps")) if "steps" in t else d.steps,
+        steps=parse_steps(t["steps"], _key(path, "steps")) if "steps" in t else d.steps,
         interval=interval,
         analysis=analysis,
         failure_limit=_int(t.get("failure_limit", d.failure_limit), _key(path, "failure_limit"), 1),
@@ -1093,6 +1133,9 @@ def parse_config(
         timeouts=_timeouts(tree.get("timeouts"), "timeouts"),
         limits=_limits(tree.get("limits"), "limits"),
         trusted_proxies=_trusted_proxies(tree.get("trusted_proxies", []), "trusted_proxies"),
+        forwarded_for=_choice(
+            tree.get("forwarded_for", d.forwarded_for), "forwarded_for", FORWARDED_FOR
+        ),
         version_header=_version_header(
             tree.get("version_header", d.version_header), "version_header"
         ),

@@ -29,7 +29,8 @@ HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
 # Never removed because Connection names them: dropping framing or Host would let one
 # message run into the next (request smuggling). RFC 9110 7.6.1 forbids such options.
 PROTECTED = frozenset({b"content-length", b"host"})
-# Written by graygate itself; incoming copies are kept only from trusted proxies.
+# Written by graygate itself: the incoming X-Forwarded-For chain is extended (from an
+# untrusted peer too, unless `replace`); Proto and Host are kept only from trusted proxies.
 XFF = b"x-forwarded-for"
 XFP = b"x-forwarded-proto"
 XFH = b"x-forwarded-host"
@@ -73,6 +74,31 @@ def is_trusted(addr: str, trusted: Networks) -> bool:
     return any(ip in net for net in trusted)
 
 
+def client_address(peer: str, chain: list[bytes], trusted: Networks) -> str:
+    """The address a request is attributed to: the TCP peer, or, when the peer is a trusted
+    proxy, the rightmost X-Forwarded-For entry that is not itself a trusted proxy (nginx
+    `real_ip_recursive on`). A malformed entry ends the walk at the last trusted hop, so
+    what comes back is always the peer or a well-formed address.
+
+    >>> nets = (ipaddress.ip_network("10.0.0.0/8"),)
+    >>> client_address("10.0.0.1", [b"6.6.6.6, 198.51.100.7", b"10.0.0.2"], nets)
+    '198.51.100.7'
+    """
+    if not is_trusted(peer, trusted):
+        return peer
+    found = peer
+    for line in reversed(chain):
+        for entry in reversed(line.split(b",")):
+            try:
+                ip = ipaddress.ip_address(entry.strip().decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                return found
+            found = ip.compressed
+            if not is_trusted(found, trusted):
+                return found
+    return found
+
+
 def request_head(
     method: bytes,
     target: bytes,
@@ -84,19 +110,23 @@ def request_head(
     default_host: bytes,
     upgrade: bool = False,
     chunked: bool = False,
+    replace_for: bool = False,
 ) -> bytes:
     """The head graygate sends upstream for a client request.
 
     Drops hop-by-hop fields and those named in `connection` (the client's Connection
-    value); keeps Host as sent (or `default_host` when the client sent none). From an
-    untrusted peer any X-Forwarded-* is dropped so nobody can forge an address; from a
-    trusted proxy the chain is kept and extended. Via gets `via` appended.
+    value); keeps Host as sent (or `default_host` when the client sent none).
+    X-Forwarded-For is the incoming chain (every line, in order) plus `client_ip`, as
+    nginx's $proxy_add_x_forwarded_for and Envoy do: only the last entry is graygate's
+    word. `replace_for` drops an untrusted peer's chain. X-Forwarded-Proto and -Host are
+    graygate's own unless the peer is `trusted`. Via gets `via` appended.
 
     >>> head = request_head(b"GET", b"/", [(b"host", b"a"), (b"x-forwarded-for", b"6.6.6.6")],
     ...     None, b"10.0.0.1", False, b"1.1 graygate", b"up:80")
-    >>> head.split(b"\\r\\n")[:4]
-    [b'GET / HTTP/1.1', b'host: a', b'x-forwarded-for: 10.0.0.1', b'x-forwarded-proto: http']
+    >>> head.split(b"\\r\\n")[:3]
+    [b'GET / HTTP/1.1', b'host: a', b'x-forwarded-for: 6.6.6.6, 10.0.0.1']
     """
+    keep_chain = trusted or not replace_for
     drop = _dropped(connection, upgrade)
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = None
@@ -114,10 +144,11 @@ def request_head(
                     parts += (name, b": ", value, b"\r\n")
             elif name == VIA:
                 vias.append(value)
-            elif trusted:
-                if name == XFF:
+            elif name == XFF:
+                if keep_chain and value.strip():  # an empty line adds no ", " entry
                     chain.append(value)
-                elif name == XFP:
+            elif trusted:
+                if name == XFP:
                     proto = proto or value
                 elif fhost is None:
                     fhost = value

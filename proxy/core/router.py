@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy.core.config import Reason
+from proxy.core.hosts import host_name, matches
 from proxy.core.state import RoutePolicy, RoutingPolicy
 
 BUCKETS = 10000  # a canary weight w (percent) owns buckets [0, w * 100)
@@ -42,11 +42,6 @@ def _choice(version: str, reason: Reason) -> Choice:
         if len(_CHOICES) < 1024:
             _CHOICES[key] = found
     return found
-
-
-def new_cohort_id() -> str:
-    """A fresh random cohort id (22 URL-safe characters, 128 bits)."""
-    return secrets.token_urlsafe(16)
 
 
 def valid_cohort_value(value: str) -> bool:
@@ -83,30 +78,12 @@ def match_route(policy: RoutingPolicy, host: str, path: str) -> RoutePolicy | No
         suffix = route.host_suffix
         if exact is not None or suffix is not None:
             if name is None:
-                name = _host_name(host)
-            if exact is not None:
-                if name != exact:
-                    continue
-            elif suffix is not None and not (len(name) > len(suffix) and name.endswith(suffix)):
+                name = host_name(host)
+            if not matches(name, exact, suffix):
                 continue
         if path.startswith(route.path_prefix, 0, end):
             return route
     return None
-
-
-def _host_name(host: str) -> str:
-    # Fast path for the common "name" / "name:port" forms; brackets are IPv6 literals.
-    if host.startswith("["):
-        close = host.find("]")
-        if close > 0:
-            host = host[1:close]
-    else:
-        colon = host.find(":")
-        if colon >= 0 and host.find(":", colon + 1) < 0:
-            host = host[:colon]
-    if host.endswith("."):
-        host = host.rstrip(".")
-    return host.lower()
 
 
 def choose(
@@ -148,7 +125,7 @@ def choose(
         new_cookie: str | None = None
         if not key:
             key = cookies.get(sticky.cookie.name)
-            if not key or COHORT_VALUE_RE.fullmatch(key) is None:
+            if not key or not valid_cohort_value(key):
                 key = new_cookie = mint()
         canary = route.canary
         threshold = route.threshold

@@ -13,7 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from proxy.core.config import Config, ForceRule, Reason, RouteConfig, Step
+from proxy.core.config import (
+    Config,
+    ConfigError,
+    ForceRule,
+    Reason,
+    RouteConfig,
+    Step,
+    parse_weights,
+)
+from proxy.core.hosts import compile_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +209,6 @@ def canary_of(route: RouteConfig, state: RouteState) -> str | None:
     return None
 
 
-def normalize_host(host: str) -> str:
-    """Host header or config host -> lowercase name without port, brackets or final dot."""
-    if host.startswith("["):
-        end = host.find("]")
-        if end > 0:
-            host = host[1:end]
-    elif host.count(":") == 1:
-        host = host[: host.index(":")]
-    return host.lower().rstrip(".")
-
-
 def _compile_force(rule: ForceRule, stable: str, canary: str | None) -> CompiledForce:
     # Roles are resolved per snapshot, so a weight or rollout change re-targets them.
     if rule.to == "canary":
@@ -239,13 +237,7 @@ def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
             cumulative.append((name, upper))
     if not cumulative:  # unreachable for a validated state; keep the route servable
         cumulative.append((stable, 100))
-    host = route.match.host
-    host_exact: str | None = None
-    host_suffix: str | None = None
-    if host.startswith("*."):
-        host_suffix = normalize_host(host[1:])
-    elif host != "*":
-        host_exact = normalize_host(host)
+    host_exact, host_suffix = compile_pattern(route.match.host)
     salt = (sticky.salt if sticky is not None and sticky.salt else route.name).encode()
     return RoutePolicy(
         config=route,
@@ -285,26 +277,11 @@ def _invalid(field: str, message: str) -> PolicyError:
 def validate_weights(
     route: RouteConfig, weights: Mapping[str, object]
 ) -> tuple[tuple[str, int], ...]:
-    """Weights for every version of the route, ints 0..100 summing to 100; config order."""
-    names = route.version_names
-    for name in weights:
-        if name not in names:
-            allowed = ", ".join(names)
-            raise _invalid(f"weights.{name}", f"unknown version (route has {allowed})")
-    result: list[tuple[str, int]] = []
-    for name in names:
-        if name not in weights:
-            raise _invalid(f"weights.{name}", "missing: every version needs a weight")
-        w = weights[name]
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise _invalid(f"weights.{name}", f"must be an integer 0..100, got {w!r}")
-        if not 0 <= w <= 100:
-            raise _invalid(f"weights.{name}", f"must be 0..100, got {w}")
-        result.append((name, w))
-    total = sum(w for _, w in result)
-    if total != 100:
-        raise _invalid("weights", f"must sum to 100, got {total}")
-    return tuple(result)
+    """Weights for every version of the route, by the config file's rule; config order."""
+    try:
+        return parse_weights(dict(weights), "weights", route.version_names)
+    except ConfigError as exc:
+        raise PolicyError("invalid", str(exc), field=exc.path, status=422) from exc
 
 
 def validate_state(route: RouteConfig, state: RouteState) -> RouteState:

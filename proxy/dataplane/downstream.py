@@ -21,6 +21,7 @@ import httptools
 
 from proxy.core.config import Config
 from proxy.core.headers import Headers, is_trusted, serialize
+from proxy.core.hosts import host_name, matches
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
 from proxy.dataplane.exchange import REASONS, Exchange, Runtime, build_runtime
@@ -28,7 +29,7 @@ from proxy.dataplane.upstream import Upstreams
 
 logger = logging.getLogger(__name__)
 
-LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # in host_name() form
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
 # uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
 HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -76,9 +77,10 @@ class Gateway:
         self.via10 = f"1.0 {config.via}".encode()
         self.access_log = config.access_log
         self.trusted = config.trusted_proxies
+        self.replace_for = config.forwarded_for == "replace"
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
-            hosts.add(config.listen.host.lower())
+            hosts.add(host_name(config.listen.host))
         self.own_hosts = frozenset(hosts)
 
     def refresh_date(self) -> None:
@@ -101,14 +103,15 @@ class Gateway:
 
     def is_foreign(self, host: str) -> bool:
         """An absolute-form target naming a host we do not serve: never proxied."""
-        h = host.lower()
-        if h in self.own_hosts:
+        name = host_name(host)
+        if name in self.own_hosts:
             return False
-        for route in self.runtime.policy.routes:
-            m = route.config.match.host
-            if m == h or (m.startswith("*.") and h.endswith(m[1:])):
-                return False
-        return True
+        # A catch-all route (`*`) serves any Host it is sent, but names no host of ours.
+        return not any(
+            (r.host_exact is not None or r.host_suffix is not None)
+            and matches(name, r.host_exact, r.host_suffix)
+            for r in self.runtime.policy.routes
+        )
 
     async def watch(self) -> None:
         """The one timer of the data plane: client and upstream timeouts of every connection,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.core.headers import Headers, request_head, response_head
+from proxy.core.headers import XFF, Headers, client_address, request_head, response_head
 from proxy.core.router import choose, match_route, parse_cookies
 from proxy.core.state import RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats
@@ -353,6 +353,7 @@ class Exchange:
             ep.host_header,
             self.upgrade,
             self.chunked,
+            gw.replace_for,
         )
         self.attempt(ep)
 
@@ -795,9 +796,14 @@ class Exchange:
     def log_access(self, status: int) -> None:
         # No headers, cookies or tokens: only what identifies the exchange.
         rr = self.rr
+        down = self.down
+        client = down.client_ip
+        if down.trusted:  # behind a trusted proxy: the client it names (README, "addresses")
+            chain = [v for n, v in self.headers if n == XFF]
+            client = client_address(client, chain, self.gw.trusted)
         access_logger.info(
             "%s %s %s %d route=%s version=%s reason=%s %.1fms",
-            self.down.client_ip,
+            client,
             self.method.decode("latin-1"),
             self.path,
             status,
