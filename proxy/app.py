@@ -23,11 +23,14 @@ from aiohttp import web
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.children import SupervisorError
 from proxy.control.controller import Controller
-from proxy.control.metrics import NotificationCollector, make_registry
+from proxy.control.metrics import NotificationCollector, ReplicaRow, make_registry
 from proxy.control.notify import Notifier
+from proxy.control.source import Sources
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore, StateFileError, merge_states
-from proxy.control.store.redis import RedisStateError, RedisStateStore, RedisSync
+from proxy.control.store.redis import RedisStateError, RedisStateStore
+from proxy.control.store.sync import RedisSync
+from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
@@ -103,11 +106,15 @@ class App:
         await self._open_admin()
         if self.supervisor is not None:
             await self._start_workers()
+        self.sources = Sources(self.stats)
+        self.stack.push_async_callback(self.sources.close)
         self.controller = Controller(
             self.store,
-            self.stats,
+            self.sources.for_route,
+            self.writer,
             self.events,
             self.persist,
+            self.stats,
             should_run=self.redis.holds_lease if self.redis is not None else None,
         )
         self._spawn(self.controller.run())
@@ -145,7 +152,8 @@ class App:
         self.events.subscribe(self.notifier.offer)
         self.store = PolicyStore(config, merge_states(config, states))
         if backend is not None:
-            self.redis = RedisSync(backend, self.store, self.events)
+            lease_ms = round(config.state.lease * 1000)
+            self.redis = RedisSync(backend, self.store, self.events, lease_ms)
             self.redis.start()
         else:
             try:
@@ -155,6 +163,7 @@ class App:
                     f"state.path {config.state.path}: cannot write the state file: "
                     f"{exc.strerror or exc}"
                 ) from exc
+        self.writer: StateWriter = self.redis or LocalWriter(self.store)
         self.stack.callback(self._final_save)
 
     async def _close_redis(self, backend: RedisStateStore) -> None:
@@ -230,6 +239,7 @@ class App:
                 self.stats,
                 lambda: self.store.policy,
                 lambda: self.gateway.upstreams.endpoint_states(loop.time()),
+                get_replica=self.replica,
             )
         else:
             registry = make_registry(
@@ -237,6 +247,7 @@ class App:
                 lambda: self.store.policy,
                 supervisor.endpoint_states,
                 worker_restarts=lambda: supervisor.restarts,
+                get_replica=self.replica,
             )
         assert self.notifier is not None
         registry.register(NotificationCollector(self.notifier.rows))
@@ -251,6 +262,7 @@ class App:
             stats=self.stats,
             listen_host=config.admin.listen.host,
             allowed_hosts=config.admin.allowed_hosts,
+            writer=self.writer,
         )
         self.admin_ctx = ctx
         admin = make_admin_app(ctx)
@@ -281,6 +293,11 @@ class App:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.gateway.upstreams.sweep_idle(time.monotonic())
 
+    def replica(self) -> ReplicaRow:
+        if self.redis is None:
+            return ("file", True, True)
+        return ("redis", self.redis.available, self.redis.holds_lease())
+
     def persist(self) -> None:
         if self.redis is not None:
             self.redis.persist()  # an async save in the background
@@ -288,8 +305,11 @@ class App:
         self.state_file.save(self.store.states(), self.events.since(0))
 
     async def reload(self) -> None:
-        """Apply a new config file atomically; raises ConfigError and keeps the old one."""
+        """Apply a new config file atomically; raises ConfigError and keeps the old one.
+        Shared state: StateUnavailable (nothing applied) unless redis answers first."""
         config = load_config(self.config_path)
+        if self.redis is not None:
+            await self.redis.check()
         if (
             config.listen != self.config.listen
             or config.admin.listen != self.config.admin.listen
@@ -313,11 +333,13 @@ class App:
             self.store.reconfigure(config)
             self.config = config
             await self.supervisor.settle(self.store.policy.generation)
-            return
-        self.gateway.reconfigure(config)
-        self.store.reconfigure(config)
-        self.gateway.upstreams.start_health_checks()
-        self.config = config
+        else:
+            self.gateway.reconfigure(config)
+            self.store.reconfigure(config)
+            self.gateway.upstreams.start_health_checks()
+            self.config = config
+        if self.redis is not None:
+            await self.redis.flush()  # answered only once redis holds the reloaded states
 
     async def shutdown(self) -> None:
         """The one shutdown sequence: readiness off, resign the lease, stop accepting,
@@ -406,7 +428,7 @@ def raise_fd_limit() -> None:
 async def _reload_logged(app: App) -> None:
     try:
         await app.reload()
-    except ConfigError as exc:
+    except (ConfigError, StateUnavailable) as exc:
         logger.error("SIGHUP reload refused, keeping the running config: %s", exc)
         return
     app.events.append(None, "signal:SIGHUP", "reload", None, None, "SIGHUP")

@@ -7,21 +7,25 @@ import json
 import math
 import random
 import time
+from bisect import bisect_left
 from collections import Counter
 
 import pytest
 
 from proxy.core.analysis import (
+    Histogram,
     Judgement,
     Sample,
     binomial_sf,
     farrington_manning_z,
+    histogram_latencies,
     mann_whitney_z,
     percentile,
     verdict,
     wilson_lower,
 )
 from proxy.core.config import AnalysisConfig
+from proxy.core.stats import BUCKETS
 
 ERRORS_ONLY = AnalysisConfig(
     min_samples=200,
@@ -284,6 +288,76 @@ def test_p99_at_the_limit_rarely_fails() -> None:
         lat = (0.9,) * slow + (0.1,) * (n - slow)
         results.append(verdict(Sample(n, 0, lat), Sample(0, 0), cfg))
     assert fail_rate(results) <= 0.015
+
+
+# --- latency from histogram buckets (the prometheus source) --------------------------------
+
+
+def binned(latencies: tuple[float, ...]) -> Histogram:
+    """The per-bucket counts graygate_request_duration_seconds_bucket would hold."""
+    counts = Counter(bisect_left(BUCKETS, x) for x in latencies)
+    bounds = (*BUCKETS, math.inf)
+    return tuple((b, counts.get(i, 0)) for i, b in enumerate(bounds))
+
+
+def histogram_window(rng: random.Random, n: int, scale: float = 1.0) -> Sample:
+    return Sample(n, 0, (), binned(lognormal(rng, n, scale)))
+
+
+def histogram_fail_rate(scale: float, windows: int, seed: int, n: int = 1000) -> float:
+    rng = random.Random(seed)
+    results = [
+        verdict(histogram_window(rng, n, scale), histogram_window(rng, n), RATIO_ONLY)
+        for _ in range(windows)
+    ]
+    return fail_rate(results)
+
+
+def test_histogram_latency_like_stable_passes_ratio() -> None:
+    # Same distribution, 1,000 requests each, only the buckets known: measured 0 of 500 fail.
+    assert 1 - histogram_fail_rate(1.0, 500, seed=51) >= 0.99
+
+
+def test_histogram_latency_twice_stable_fails_ratio() -> None:
+    # Canary twice as slow, buckets only: measured 498 of 500 windows fail (99.6 %),
+    # as the per-request test does on the same distributions.
+    assert histogram_fail_rate(2.0, 500, seed=52) >= 0.99
+
+
+def test_histogram_latency_at_the_allowed_ratio_rarely_fails() -> None:
+    # At exactly max_latency_ratio the result depends on how latencies fall inside buckets
+    # 2-2.5x wide; for this distribution (sigma 0.5 around 50 ms) 0 of 300 fail. Narrower
+    # spreads (sigma 0.25 around 200 ms) fail up to about 30 % at the exact boundary: the
+    # bucket width is the resolution of a histogram (README, "Running several replicas").
+    assert histogram_fail_rate(1.5, 300, seed=53) <= 0.02
+
+
+def test_histogram_p99_limit_uses_the_buckets_above_it() -> None:
+    cfg = AnalysisConfig(min_samples=200, max_p99_latency=0.5, max_latency_ratio=None)
+    fast = (0.01,) * 970
+    slow = Sample(1000, 0, (), binned(fast + (0.9,) * 30))
+    j = verdict(slow, Sample(0, 0), cfg)
+    assert j.verdict == "fail"
+    assert j.figures["p99_exceed_fraction"] == pytest.approx(0.03)
+    assert j.figures["canary_latency_samples"] == 1000
+    ok = Sample(1000, 0, (), binned(fast + (0.4,) * 30))
+    assert verdict(ok, Sample(0, 0), cfg).verdict == "pass"
+
+
+def test_histogram_latencies_keep_buckets_and_thin_large_windows() -> None:
+    h: Histogram = ((0.1, 3), (0.25, 0), (1.0, 2), (math.inf, 1))
+    values = histogram_latencies(h)
+    assert len(values) == 6 and list(values) == sorted(values)
+    assert all(0 < v <= 0.1 for v in values[:3])
+    assert all(0.25 < v <= 1.0 for v in values[3:5])
+    assert 1.0 < values[5] <= 2.0
+    big = histogram_latencies(((0.1, 30_000), (1.0, 10_001)), limit=5000)
+    assert len(big) == 5000
+    assert sum(v <= 0.1 for v in big) == 3750
+    assert histogram_latencies(()) == () == histogram_latencies(((1.0, 0),))
+    # Explicit latencies win over a histogram.
+    j = verdict(Sample(300, 0, (0.01,) * 300, ((10.0, 300),)), Sample(0, 0), RATIO_ONLY)
+    assert j.figures["canary_p99"] == pytest.approx(0.01)
 
 
 def test_latency_checks_skipped_without_enough_samples_or_thresholds() -> None:

@@ -17,6 +17,7 @@ from proxy.core.config import (
     ConfigError,
     CookieConfig,
     PauseStep,
+    PrometheusConfig,
     StickyConfig,
     WeightStep,
     describe,
@@ -991,3 +992,96 @@ def test_describe_follows_the_config():
     assert "route shop:" in text and "route api:" in text
     assert "weights blue=90 green=10" in text and "weights blue=50 green=50" in text
     assert "sticky: off" in text
+
+
+# --- metrics source of the analysis, redis lease ------------------------------------------
+
+
+PROM = {"url": "http://prometheus:9090/", "scrape_interval": "5s"}
+
+
+def test_prometheus_source_globally_and_per_route_override():
+    data = base()
+    data["analysis"] = {
+        "source": "prometheus",
+        "prometheus": {**PROM, "replicas_selector": 'job="gg"'},
+    }
+    second = {**route(data), "name": "api", "rollout": {"analysis": {"source": "local"}}}
+    data["routes"].append(second)
+    cfg = parse_config(data, env={})
+    shop, api = (r.rollout.analysis for r in cfg.routes)
+    assert shop.source == "prometheus" and api.source == "local"
+    assert shop.prometheus == PrometheusConfig(
+        "http://prometheus:9090", 2.0, 'job="gg"', scrape_interval=5.0
+    )
+    assert api.prometheus == shop.prometheus  # inherited, unused while local
+    assert "analysis source: prometheus http://prometheus:9090" in describe(cfg)
+    # Per route only, with its own server.
+    only = base()
+    route(only)["rollout"] = {"analysis": {"source": "prometheus", "prometheus": PROM}}
+    assert parse_config(only, env={}).routes[0].rollout.analysis.source == "prometheus"
+    assert parse_config(base(), env={}).routes[0].rollout.analysis.source == "local"
+
+
+def test_redis_lease_duration():
+    data = base()
+    data["state"] = {"backend": "redis", "lease": "1500ms"}
+    assert parse_config(data, env={}).state.lease == 1.5
+    assert parse_config(base(), env={}).state.lease == 3.0
+
+
+@pytest.mark.parametrize(
+    "top, analysis, path, fragment",
+    [
+        ({"source": "prometheus"}, None, "analysis.prometheus", "is required with source"),
+        (None, {"source": "prometheus"}, "routes[0].rollout.analysis.prometheus", "is required"),
+        ({"source": "graphite"}, None, "analysis.source", "must be one of local, prometheus"),
+        ({"min_samples": 5}, None, "analysis.min_samples", "allowed: source, prometheus"),
+        ({"prometheus": {"timeout": "1s"}}, None, "analysis.prometheus.url", "is required"),
+        ({"prometheus": {"url": "ftp://x"}}, None, "analysis.prometheus.url", "http(s)://"),
+        ({"prometheus": {"url": "http://x?q=1"}}, None, "analysis.prometheus.url", "query"),
+        (
+            {"prometheus": {"url": "http://x", "replicas_selector": 'job="a"} or vector(1) #'}},
+            None,
+            "analysis.prometheus.replicas_selector",
+            "label matchers",
+        ),
+        (
+            {"prometheus": {"url": "http://x", "scrape_interval": 0}},
+            None,
+            "analysis.prometheus.scrape_interval",
+            "> 0",
+        ),
+        (
+            {"source": "prometheus", "prometheus": {"url": "http://x", "scrape_interval": "20s"}},
+            None,
+            "routes[0].rollout.interval",
+            "at least 2 scrape intervals (40s)",
+        ),
+    ],
+)
+def test_metrics_source_refusals(top, analysis, path, fragment):
+    data = base()
+    if top is not None:
+        data["analysis"] = top
+    if analysis is not None:
+        route(data)["rollout"] = {"analysis": analysis}
+    err = refused(data)
+    assert err.path == path, str(err)
+    assert fragment in str(err)
+
+
+@pytest.mark.parametrize(
+    "selector", ['job="graygate"', 'job="gg", namespace=~"prod|canary"', ' a!="x\\"y" ,']
+)
+def test_replicas_selector_accepts_label_matchers(selector):
+    data = base()
+    data["analysis"] = {"prometheus": {"url": "http://x", "replicas_selector": selector}}
+    cfg = parse_config(data, env={})
+    assert cfg.routes[0].rollout.analysis.prometheus is not None
+
+
+def test_redis_lease_too_short_is_refused():
+    data = base()
+    data["state"] = {"lease": "100ms"}
+    assert refused(data).path == "state.lease"

@@ -26,6 +26,8 @@ FAMILIES = {
     "graygate_rollout_verdicts": "counter",
     "graygate_endpoint_available": "gauge",
     "graygate_inflight_requests": "gauge",
+    "graygate_state_store_up": "gauge",
+    "graygate_controller_leader": "gauge",
 }
 
 
@@ -137,6 +139,22 @@ def test_every_family_present_with_type_before_traffic(setup):
             assert (
                 value(samples, "graygate_rollout_verdicts_total", route=route, verdict=verdict) == 0
             )
+    # One process with a file: its store is up and it runs the controller.
+    assert value(samples, "graygate_state_store_up", backend="file") == 1
+    assert value(samples, "graygate_controller_leader") == 1
+
+
+def test_replica_gauges_follow_the_shared_store():
+    stats = Stats()
+    status = ("redis", True, False)
+    registry = make_registry(stats, lambda: FakePolicy(()), list, lambda: status)
+    _, samples = scrape(registry)
+    assert value(samples, "graygate_state_store_up", backend="redis") == 1
+    assert value(samples, "graygate_controller_leader") == 0
+    status = ("redis", False, True)
+    _, samples = scrape(registry)
+    assert value(samples, "graygate_state_store_up", backend="redis") == 0
+    assert value(samples, "graygate_controller_leader") == 1
 
 
 def test_requests_and_histogram_match_recorded(setup):

@@ -31,6 +31,9 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "graygate_rollout_verdicts": ("counter", {"route", "verdict"}),
     "graygate_endpoint_available": ("gauge", {"route", "version", "endpoint"}),
     "graygate_inflight_requests": ("gauge", {"route", "version"}),
+    # Beyond section 6: several replicas (README, "Running several replicas").
+    "graygate_state_store_up": ("gauge", {"backend"}),
+    "graygate_controller_leader": ("gauge", set()),
 }
 # Beyond DESIGN.md section 6, with samples only when `notifications:` are configured
 # (tests/test_notify.py checks their values).

@@ -5,6 +5,7 @@ with takeover, refusal of stale writes, and clear errors for an unreachable or b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import shutil
@@ -21,6 +22,7 @@ from conftest import free_port, route_config
 
 from proxy.app import StartupError
 from proxy.control.store.redis import RedisStateError, RedisStateStore
+from proxy.control.store.writer import LeaseLost
 from proxy.core.state import RouteState
 
 _prefixes = itertools.count()
@@ -171,7 +173,9 @@ async def test_one_lease_holder_and_takeover_after_shutdown(redis_url, prefix, g
     assert holder.app.redis is not None and other.app.redis is not None
     client = redis.Redis.from_url(redis_url)
     try:
-        assert client.get(f"{prefix}:lease").decode() == holder.app.redis.backend.writer
+        # The lease holds the holder's id and its fencing token.
+        assert client.get(f"{prefix}:lease").decode() == holder.app.redis.fence
+        assert holder.app.redis.fence.startswith(holder.app.redis.backend.writer + ":")
         await holder.app.shutdown()
         follower = other.app.redis
 
@@ -180,7 +184,10 @@ async def test_one_lease_holder_and_takeover_after_shutdown(redis_url, prefix, g
 
         took = await wait_for(took_over, timeout=3.0)
         assert took < 2.0
-        assert client.get(f"{prefix}:lease").decode() == follower.backend.writer
+        taken = client.get(f"{prefix}:lease").decode()
+        assert taken == follower.fence and taken.startswith(follower.backend.writer + ":")
+        # A new holder gets a larger token than the one before.
+        assert int(taken.rsplit(":", 1)[1]) > int(holder.app.redis.fence.rsplit(":", 1)[1])
     finally:
         client.close()
 
@@ -310,3 +317,199 @@ async def test_a_change_from_another_replica_reaches_every_worker(
             return versions == {"green"}
 
         assert await wait_for(all_green, 2.0) < 2.0
+
+
+# ---- faults: compare-and-set, fencing, redis down, redis restarted empty -------------------
+
+
+async def test_a_change_computed_on_an_old_revision_is_refused_with_the_stored_state(
+    redis_url, prefix
+):
+    a = RedisStateStore(redis_url, prefix, writer="a")
+    assert await a.open() is None
+    try:
+        first = RouteState((("blue", 90), ("green", 10)), "blue", revision=2)
+        assert await a.commit("shop", 1, first) == ("ok", None)  # redis held nothing
+        second = RouteState((("blue", 50), ("green", 50)), "blue", revision=3)
+        assert await a.commit("shop", 2, second) == ("ok", None)
+        late = RouteState((("blue", 0), ("green", 100)), "blue", revision=3)
+        assert await a.commit("shop", 2, late) == ("stale", second)
+        assert (await a.load_routes(["shop"]))["shop"] == second
+    finally:
+        await a.close()
+
+
+async def test_a_stale_leaders_fenced_write_is_refused(redis_url, prefix):
+    a = RedisStateStore(redis_url, prefix, writer="a")
+    b = RedisStateStore(redis_url, prefix, writer="b")
+    await a.open()
+    await b.open()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        a_fence = await a.hold_lease(60_000)
+        assert a_fence == "a:1" and await b.hold_lease(60_000) is None
+        assert await a.hold_lease(60_000, a_fence) == a_fence  # renewed, same token
+        step = RouteState((("blue", 90), ("green", 10)), "blue", revision=2)
+        assert await a.commit("shop", 1, step, a_fence) == ("ok", None)
+        # a stalls past its lease (expiry simulated), b takes over with a larger token.
+        client.delete(f"{prefix}:lease")
+        b_fence = await b.hold_lease(60_000)
+        assert b_fence == "b:2"
+        late = RouteState((("blue", 100), ("green", 0)), "blue", revision=3)
+        assert await a.commit("shop", 2, late, a_fence) == ("fenced", None)
+        assert await a.hold_lease(60_000, a_fence) is None  # and cannot renew it either
+        assert await b.commit("shop", 2, late, b_fence) == ("ok", None)
+        # Even the same replica retaking the lease later cannot replay an old token.
+        client.delete(f"{prefix}:lease")
+        again = await a.hold_lease(60_000, a_fence)
+        assert again == "a:3"
+        assert await a.commit("shop", 3, step, a_fence) == ("fenced", None)
+    finally:
+        client.close()
+        await a.close()
+        await b.close()
+
+
+async def test_controller_write_without_the_lease_changes_nothing(
+    redis_url, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(f"{prefix}:lease", "someone-else:99", px=60_000)
+        a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+        assert a.app.redis is not None
+        await a.app.redis.flush()  # the start-up state is in redis
+        before = a.app.store.state("shop")
+        with pytest.raises(LeaseLost):
+            await a.app.redis.change("shop", lambda s: s, fenced=True)
+        # Believing in a lease redis no longer holds for us is caught by the store itself.
+        a.app.redis._lease_until = time.monotonic() + 60
+        a.app.redis.fence = "stale-writer:1"
+        with pytest.raises(LeaseLost, match="moved"):
+            await a.app.redis.change("shop", lambda s: s, fenced=True)
+        assert not a.app.redis.holds_lease()
+        assert a.app.store.state("shop") == before
+        assert json.loads(client.hget(f"{prefix}:routes", "shop"))["revision"] == before.revision
+    finally:
+        client.close()
+
+
+async def test_a_write_whose_reply_was_lost_and_retried_counts_once(
+    redis_url, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    a = await gateway(routes=[route], state=redis_state(redis_url, prefix))
+    assert a.app.redis is not None
+    backend = a.app.redis.backend
+    real = backend.commit
+
+    async def replayed(route: str, expected: int, state: RouteState, fence: str = "") -> Any:
+        # The script ran, the reply was lost, the client retried: redis now holds `state`.
+        assert await real(route, expected, state, fence) == ("ok", None)
+        return await real(route, expected, state, fence)
+
+    backend.commit = replayed  # type: ignore[method-assign]
+    before, after = await a.app.redis.change(
+        "shop", lambda s: dataclasses.replace(s, weights=(("blue", 60), ("green", 40)))
+    )
+    assert after.revision == before.revision + 1
+    assert a.app.store.state("shop") == after
+
+
+async def test_redis_down_admin_503_changes_nothing_then_both_reconcile(
+    redis_server, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    state = redis_state(redis_server.url, prefix)
+    a = await gateway(routes=[route], state=state)
+    b = await gateway(routes=[route], state=state)
+    async with aiohttp.ClientSession() as s:
+        answer = await put_weights(s, a.admin_url, {"blue": 80, "green": 20})
+        revision = answer["state"]["revision"]
+
+        async def b_at(weights: dict[str, int]) -> bool:
+            return dict(b.app.store.state("shop").weights) == weights
+
+        await wait_for(lambda: b_at({"blue": 80, "green": 20}), timeout=1.0)
+        redis_server.stop()
+        calls = [
+            ("PUT", "/routes/shop/weights", {"blue": 0, "green": 100}),
+            ("POST", "/routes/shop/rollout", {"canary": "green"}),
+            ("POST", "/reload", None),
+        ]
+        for gw in (a, b):
+            for method, path, body in calls:
+                started = time.monotonic()
+                async with s.request(method, f"{gw.admin_url}/api/v1{path}", json=body) as resp:
+                    assert resp.status == 503, await resp.text()
+                    error = (await resp.json())["error"]
+                assert time.monotonic() - started < 3.0
+                assert error["code"] == "state_unavailable"
+                assert "nothing was changed" in error["message"]
+        for gw in (a, b):
+            st = gw.app.store.state("shop")
+            assert dict(st.weights) == {"blue": 80, "green": 20} and st.revision == revision
+            assert st.rollout.phase == "idle"
+            for _ in range(5):  # the data plane serves the last snapshot meanwhile
+                async with s.get(f"{gw.url}/x") as resp:
+                    assert resp.status == 200
+
+        async def down() -> bool:
+            async with s.get(f"{a.admin_url}/metrics") as resp:
+                return 'graygate_state_store_up{backend="redis"} 0.0' in await resp.text()
+
+        await wait_for(down, timeout=3.0)
+        redis_server.start()  # empty: redis kept nothing
+
+        async def accepted() -> bool:
+            async with s.put(
+                f"{a.admin_url}/api/v1/routes/shop/weights", json={"blue": 10, "green": 90}
+            ) as resp:
+                return resp.status == 200
+
+        await wait_for(accepted, timeout=2.0, step=0.1)
+        took = await wait_for(lambda: b_at({"blue": 10, "green": 90}), timeout=2.0)
+        assert took < 2.0
+        assert a.app.store.state("shop").revision == b.app.store.state("shop").revision
+
+
+async def test_redis_restarted_empty_is_reseeded_from_the_newest_revision(
+    redis_server, prefix, gateway, upstreams
+):
+    route = await two_versions(upstreams)
+    state = redis_state(redis_server.url, prefix)
+    a = await gateway(routes=[route], state=state)
+    b = await gateway(routes=[route], state=state)
+    async with aiohttp.ClientSession() as s:
+        answer = await put_weights(s, a.admin_url, {"blue": 30, "green": 70})
+    revision = answer["state"]["revision"]
+    await wait_for(lambda: _at(b, revision), timeout=1.0)
+    redis_server.stop()
+    redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+
+        async def reseeded() -> bool:
+            raw = client.hget(f"{prefix}:routes", "shop")
+            return raw is not None and json.loads(raw)["revision"] == revision
+
+        took = await wait_for(reseeded, timeout=3.0)
+        assert took < 2.0
+        doc = json.loads(client.hget(f"{prefix}:routes", "shop"))
+        assert doc["weights"] == {"blue": 30, "green": 70}
+        seeded = [e for gw in (a, b) for e in gw.app.events.since(0) if e.action == "state.reseed"]
+        assert seeded and all(e.route == "shop" for e in seeded)
+        assert f"re-seeded from revision {revision}" in (seeded[0].reason or "")
+
+        async def event_stored() -> bool:
+            stored = [json.loads(e) for e in client.lrange(f"{prefix}:events", 0, -1)]
+            return any(e["action"] == "state.reseed" for e in stored)
+
+        await wait_for(event_stored, timeout=2.0)
+    finally:
+        client.close()
+
+
+async def _at(gw: Any, revision: int) -> bool:
+    return bool(gw.app.store.state("shop").revision == revision)

@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client.registry import CollectorRegistry
 
 from proxy.control.store.events import EventLog, json_safe
+from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core import rollout
 from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
 from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
@@ -48,6 +49,8 @@ class AdminContext:
     stats: Stats | None = None
     listen_host: str = ""  # admin.listen's host: a Host naming it is ours
     allowed_hosts: tuple[str, ...] = ()  # admin.allowed_hosts, normalised by the config
+    # Where a change becomes durable before it is answered; None: this process (LocalWriter).
+    writer: StateWriter | None = None
 
 
 CTX = web.AppKey("graygate_admin_ctx", AdminContext)
@@ -323,29 +326,27 @@ def _route(request: web.Request) -> RouteConfig:
     return policy.config
 
 
-def _commit(
+async def _commit(
     request: web.Request,
     route: str,
     action: str,
     compute: Callable[[RouteState], RouteState],
     figures: dict[str, Any] | None = None,
 ) -> web.Response:
-    """Compare-and-set one route's state; nothing here awaits, so it is one atomic step."""
+    """Compare-and-set one route's state through the writer: answered only once the state
+    store holds it (redis: accepted there, then swapped in here); on any error nothing
+    changed."""
     ctx = request.app[CTX]
     expected = _if_match(request)
-    current = ctx.store.state(route)
-    if expected is not None and expected != current.revision:
-        raise ApiError(
-            409,
-            "stale_revision",
-            f"route {route!r} is at revision {current.revision}, not {expected}",
-            "If-Match",
-            current,
-        )
+    writer = ctx.writer if ctx.writer is not None else LocalWriter(ctx.store)
     try:
-        stored = ctx.store.replace(route, compute(current), current.revision)
+        current, stored = await writer.change(route, compute, expected)
     except PolicyError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, exc.field, current) from exc
+        raise ApiError(
+            exc.status, exc.code, exc.message, exc.field, ctx.store.state(route)
+        ) from exc
+    except StateUnavailable as exc:
+        raise ApiError(503, "state_unavailable", str(exc)) from exc
     actor, reason = _actor(request), _reason(request)
     ctx.events.append(route, actor, action, current.to_json(), stored.to_json(), reason, figures)
     ctx.persist()
@@ -540,7 +541,7 @@ async def _put_weights(request: web.Request) -> web.Response:
             revision=current.revision,
         )
 
-    return _commit(request, route.name, "weights", compute)
+    return await _commit(request, route.name, "weights", compute)
 
 
 def _parse_steps(raw: Any) -> tuple[Step, ...]:
@@ -579,7 +580,7 @@ async def _start_rollout(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid", f"{canary!r} is already the stable version", "canary")
     steps = _parse_steps(body["steps"]) if "steps" in body else None
     now = ctx.now()
-    return _commit(
+    return await _commit(
         request,
         route.name,
         "rollout.start",
@@ -603,12 +604,12 @@ async def _rollout_action(request: web.Request) -> web.Response:
         compute = rollout.abort
     else:
         raise ApiError(404, "not_found", f"no rollout action {action!r}")
-    return _commit(request, route.name, f"rollout.{action}", compute)
+    return await _commit(request, route.name, f"rollout.{action}", compute)
 
 
 async def _rollback(request: web.Request) -> web.Response:
     route = _route(request)
-    return _commit(request, route.name, "rollback", rollout.rollback)
+    return await _commit(request, route.name, "rollback", rollout.rollback)
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -632,6 +633,8 @@ async def _reload(request: web.Request) -> web.Response:
     except ConfigError as exc:
         logger.warning("reload refused, keeping the running config: %s", exc)
         raise ApiError(422, "invalid_config", str(exc), exc.path) from exc
+    except StateUnavailable as exc:
+        raise ApiError(503, "state_unavailable", str(exc)) from exc
     after = {name: s.to_json() for name, s in ctx.store.states().items()}
     actor, reason = _actor(request), _reason(request)
     ctx.events.append(None, actor, "reload", {"routes": before}, {"routes": after}, reason)

@@ -1,53 +1,69 @@
-"""The rollout controller loop: every route's `interval` it judges the window of the
-local metrics source and applies core.rollout.decide through the policy store. A step that
-a rollout gate must confirm waits for the gate's answer (control/gates.py); the loop never
-does.
+"""The rollout controller loop: every route's `interval` it reads a window from the route's
+metrics source, judges it with core.analysis.verdict, applies core.rollout.decide and writes
+the decision through the StateWriter (fenced by the lease when state is shared). A step a
+rollout gate must confirm waits for the gate's answer (control/gates.py); the loop never does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from proxy.control.gates import GateAnswer, GateKeeper
+from proxy.control.source import MetricsSource, SourceError, Window
 from proxy.control.store.events import EventLog
-from proxy.core.analysis import Sample, verdict
-from proxy.core.config import RouteConfig
+from proxy.control.store.writer import LeaseLost, StateUnavailable, StateWriter
+from proxy.core.analysis import Figure, Judgement, verdict
+from proxy.core.config import RouteConfig, WeightStep
 from proxy.core.rollout import Decision, decide, gate_for, hold_at_gate
-from proxy.core.state import PolicyStore, RouteState
+from proxy.core.state import PolicyError, PolicyStore, RouteState
 from proxy.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 
+RETRY_SECONDS = 1.0  # after a decision the store refused: not every tick
+
+
+@dataclass
+class _Mark:
+    step_started: float  # the step this window belongs to
+    start: float  # where the next window starts (wall clock)
+    not_before: float = 0.0  # after a refused write, the next try
+
 
 class Controller:
-    """The loop that applies `decide`: every route's `interval`, judge its window and
-    write the decision through the store. Windows are drained from the local metrics
-    source (the same `Stats` that feed /metrics); a new step starts a fresh window.
-    """
+    """The loop that applies `decide`. A window opens when a step starts (or when this
+    replica first sees the step, e.g. after taking the lease over: then where the last
+    stored verdict's window ended) and is judged once it spans `interval`, ending `lag`
+    before now so every scrape inside it has landed."""
 
     def __init__(
         self,
         store: PolicyStore,
-        stats: Stats,
+        source_for: Callable[[RouteConfig], MetricsSource],
+        writer: StateWriter,
         events: EventLog,
         persist: Callable[[], None],
+        stats: Stats,
         clock: Callable[[], float] = time.time,
         tick: float = 0.2,
         should_run: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
-        self.stats = stats
+        self.source_for = source_for
+        self.writer = writer
         self.events = events
         self.persist = persist
+        self.stats = stats  # verdict counters for /metrics
         self.clock = clock
         self.tick = tick
         # Shared state (redis): only the replica holding the lease may step rollouts.
         self.should_run = should_run
-        self._marks: dict[str, tuple[float, float]] = {}  # route -> (step_started, last judged)
+        self._marks: dict[str, _Mark] = {}
         self.gates = GateKeeper()  # rollout.gates: webhook calls the loop never awaits
 
     async def run(self) -> None:
@@ -55,64 +71,96 @@ class Controller:
             while True:
                 await asyncio.sleep(self.tick)
                 if self.should_run is not None and not self.should_run():
+                    self._marks.clear()  # a later lease starts from the stored state
                     continue
                 try:
-                    self.step_all()
+                    await self.step_all()
                 except Exception:
                     logger.exception("rollout controller tick failed")
         finally:
             await self.gates.close()
 
-    def step_all(self) -> None:
-        now = self.clock()
+    async def step_all(self) -> None:
         for rp in self.store.policy.routes:
-            ro = rp.state.rollout
-            if ro.phase != "progressing" or ro.canary is None:
-                self._marks.pop(rp.name, None)
-                self.gates.forget(rp.name)
-                continue
-            # --- rollout gates: a call in flight holds the route; an answer is applied now
-            if self.gates.busy(rp.name):
-                continue
-            answer = self.gates.take(rp.name)
-            if answer is not None:
-                self.answer_gate(rp.config, rp.state, answer, now)
-                continue
-            started, judged = self._marks.get(rp.name, (None, 0.0))
-            if started != ro.step_started:
-                # A new step (or a rollout started elsewhere): its window starts now.
-                for v in rp.config.version_names:
-                    self.stats.take_window(rp.name, v)
-                self._marks[rp.name] = (ro.step_started, now)
-                continue
-            if now - judged < rp.config.rollout.interval:
-                continue
-            self.judge(rp.config, rp.state, now)
+            await self.step(rp.config, rp.state)
 
-    def judge(self, route: RouteConfig, state: RouteState, now: float) -> Decision:
+    async def step(self, route: RouteConfig, state: RouteState) -> Decision | None:
+        ro = state.rollout
+        if ro.phase != "progressing" or ro.canary is None:
+            self._marks.pop(route.name, None)
+            self.gates.forget(route.name)
+            return None
+        source = self.source_for(route)
+        now = self.clock()
+        mark = self._marks.get(route.name)
+        # Rollout gates: a call in flight holds the route; its answer is applied now.
+        if self.gates.busy(route.name):
+            return None
+        answer = self.gates.take(route.name)
+        if answer is not None and mark is not None:
+            return await self.answer_gate(route, state, answer, source, mark)
+        if mark is None or mark.step_started != ro.step_started:
+            start = max(ro.step_started, _judged_until(state))
+            mark = _Mark(ro.step_started, source.begin(route, start, now))
+            self._marks[route.name] = mark
+            return None
+        end = now - source.lag(route)
+        if end - mark.start < route.rollout.interval or now < mark.not_before:
+            return None
+        steps = ro.steps or route.rollout.steps
+        judgement: Judgement | None = None
+        if 0 <= ro.step < len(steps) and isinstance(steps[ro.step], WeightStep):
+            judgement = await self.judge(route, state, source, mark.start, end)
+        return await self.apply(route, state, judgement, source, mark, end)
+
+    async def judge(
+        self, route: RouteConfig, state: RouteState, source: MetricsSource, start: float, end: float
+    ) -> Judgement:
         canary = state.rollout.canary
         assert canary is not None
-        stable = state.stable
-        judgement = verdict(
-            Sample(*self.stats.take_window(route.name, canary)),
-            Sample(*self.stats.take_window(route.name, stable)),
-            route.rollout.analysis,
-        )
+        window_figures: dict[str, Figure] = {
+            "window_start": round(start, 3),
+            "window_end": round(end, 3),
+        }
+        try:
+            window: Window = await source.window(route, canary, state.stable, start, end)
+        except SourceError as exc:
+            logger.warning("rollout %s: window not read: %s", route.name, exc)
+            judgement = Judgement("need_more_samples", (str(exc),), window_figures)
+        else:
+            judged = verdict(window.canary, window.stable, route.rollout.analysis)
+            judgement = replace(judged, figures={**judged.figures, **window_figures})
         self.stats.count_verdict(route.name, judgement.verdict)
-        decision = decide(route, state, judgement, now)
+        return judgement
+
+    async def apply(
+        self,
+        route: RouteConfig,
+        state: RouteState,
+        judgement: Judgement | None,
+        source: MetricsSource,
+        mark: _Mark,
+        end: float,
+    ) -> Decision | None:
+        decision = decide(route, state, judgement, self.clock())
         gate = gate_for(route, decision)
         if gate is not None:  # nothing changes until the gate answers (answer_gate)
             self.gates.ask(route, state, gate, judgement, decision)
-            self._marks[route.name] = (state.rollout.step_started, now)
+            mark.start = end  # this window is judged; the answer decides what it leads to
             return decision
-        self.apply(route, state, decision, now)
-        return decision
+        return await self.write(route, state, decision, source, mark, end)
 
-    def answer_gate(
-        self, route: RouteConfig, state: RouteState, answer: GateAnswer, now: float
-    ) -> None:
+    async def answer_gate(
+        self,
+        route: RouteConfig,
+        state: RouteState,
+        answer: GateAnswer,
+        source: MetricsSource,
+        mark: _Mark,
+    ) -> Decision | None:
         if answer.revision != state.revision:
-            return  # the state moved meanwhile (an operator acted): judge afresh
+            return None  # the state moved meanwhile (an operator acted): judge afresh
+        now = self.clock()
         if answer.approved:
             decision = decide(route, state, answer.judgement, now)
         else:
@@ -120,38 +168,64 @@ class Controller:
                 state, answer.gate, answer.status, answer.error, answer.judgement, now
             )
         figures = {**decision.figures, "gate": answer.to_json()}
-        self.apply(route, state, dataclasses.replace(decision, figures=figures), now)
-
-    def apply(self, route: RouteConfig, state: RouteState, decision: Decision, now: float) -> None:
-        new = self.store.replace(route.name, decision.state, expected_revision=state.revision)
-        self._marks[route.name] = (new.rollout.step_started, now)
-        self.persist_event(route.name, state, new, decision)
-
-    def persist_event(
-        self, route: str, before: RouteState, after: RouteState, decision: Decision
-    ) -> None:
-        log = logger.info if decision.action not in ("hold", "none") else logger.debug
-        log(
-            "rollout %s: %s (%s)",
-            route,
-            decision.action,
-            decision.message,
-            extra={
-                "route": route,
-                "action": f"rollout.{decision.action}",
-                "actor": "rollout-controller",
-                "revision": after.revision,
-                "state": after.to_json(),
-                "figures": decision.figures,
-            },
+        return await self.write(
+            route, state, replace(decision, figures=figures), source, mark, mark.start
         )
+
+    async def write(
+        self,
+        route: RouteConfig,
+        state: RouteState,
+        decision: Decision,
+        source: MetricsSource,
+        mark: _Mark,
+        end: float,
+    ) -> Decision | None:
+        def compute(current: RouteState) -> RouteState:
+            return decision.state
+
+        try:
+            before, after = await self.writer.change(
+                route.name, compute, expected=state.revision, fenced=True
+            )
+        except (PolicyError, LeaseLost, StateUnavailable) as exc:
+            # Nothing changed: the next tick looks again at whatever state is current.
+            logger.warning("rollout %s: %s not written: %s", route.name, decision.action, exc)
+            mark.not_before = self.clock() + RETRY_SECONDS
+            return None
+        mark.start = end
+        if after.rollout.step_started != mark.step_started:
+            self._marks.pop(route.name, None)
+        figures = {**decision.figures, "source": source.name}
+        log = logger.info if decision.action not in ("hold", "none") else logger.debug
+        extra: dict[str, Any] = {
+            "route": route.name,
+            "action": f"rollout.{decision.action}",
+            "actor": "rollout-controller",
+            "revision": after.revision,
+            "state": after.to_json(),
+            "figures": figures,
+        }
+        log("rollout %s: %s (%s)", route.name, decision.action, decision.message, extra=extra)
         self.events.append(
-            route,
+            route.name,
             "rollout-controller",
             f"rollout.{decision.action}",
             before.to_json(),
             after.to_json(),
             decision.message,
-            decision.figures,
+            figures,
         )
         self.persist()
+        return decision
+
+
+def _judged_until(state: RouteState) -> float:
+    """End of the last window judged at the current step (stored with the verdict), so a
+    new leader neither judges a stretch twice nor skips one."""
+    last = state.rollout.last_verdict
+    if not last or last.get("step") != state.rollout.step:
+        return 0.0
+    figures = last.get("figures")
+    end = figures.get("window_end") if isinstance(figures, dict) else None
+    return float(end) if isinstance(end, int | float) else 0.0

@@ -36,6 +36,9 @@ ROLLOUT_VERDICTS = "graygate_rollout_verdicts_total"
 ENDPOINT_AVAILABLE = "graygate_endpoint_available"
 INFLIGHT = "graygate_inflight_requests"
 WORKER_RESTARTS = "graygate_worker_restarts_total"  # only with workers > 1
+# Several replicas: whether this one reaches its state store and runs the controller.
+STATE_STORE_UP = "graygate_state_store_up"
+CONTROLLER_LEADER = "graygate_controller_leader"
 
 # str(float) matches the client library's own `le` formatting for these bounds ("0.0005", "1.0").
 _LE = (*(str(b) for b in BUCKETS), "+Inf")
@@ -57,6 +60,8 @@ class PolicyLike(Protocol):
 
 # (route, version, endpoint url, available)
 EndpointRow = tuple[str, str, str, bool]
+# (state backend, its store reachable, this replica holds the controller lease)
+ReplicaRow = tuple[str, bool, bool]
 
 
 _Families = tuple[
@@ -123,14 +128,16 @@ class GraygateCollector(Collector):
         stats: Stats,
         get_policy: Callable[[], PolicyLike],
         get_endpoints: Callable[[], Iterable[EndpointRow]],
+        get_replica: Callable[[], ReplicaRow] | None = None,
     ) -> None:
         self._stats = stats
         self._get_policy = get_policy
         self._get_endpoints = get_endpoints
+        self._get_replica = get_replica
 
     def describe(self) -> Iterable[Metric]:
         # Names only: lets the registry refuse duplicates without reading live state.
-        return _families()
+        return (*_families(), *_replica_families())
 
     def collect(self) -> Iterator[Metric]:
         (
@@ -182,6 +189,25 @@ class GraygateCollector(Collector):
             endpoint_available,
             inflight,
         )
+        backend, up, leader = self._get_replica() if self._get_replica else ("file", True, True)
+        store_up, is_leader = _replica_families()
+        store_up.add_metric((backend,), 1 if up else 0)
+        is_leader.add_metric((), 1 if leader else 0)
+        yield from (store_up, is_leader)
+
+
+def _replica_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            STATE_STORE_UP,
+            "1 while the state store (file, or redis shared by replicas) is reachable.",
+            labels=("backend",),
+        ),
+        GaugeMetricFamily(
+            CONTROLLER_LEADER,
+            "1 while this replica runs the rollout controller (holds the redis lease).",
+        ),
+    )
 
 
 class WorkerCollector(Collector):
@@ -202,10 +228,11 @@ def make_registry(
     stats: Stats,
     get_policy: Callable[[], PolicyLike],
     get_endpoints: Callable[[], Iterable[EndpointRow]],
+    get_replica: Callable[[], ReplicaRow] | None = None,
     worker_restarts: Callable[[], int] | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(GraygateCollector(stats, get_policy, get_endpoints))
+    registry.register(GraygateCollector(stats, get_policy, get_endpoints, get_replica))
     if worker_restarts is not None:
         registry.register(WorkerCollector(worker_restarts))
     return registry

@@ -1,6 +1,6 @@
 """The statistics of the canary verdict: one window of canary and stable outcomes in,
-pass / fail / need_more_samples out, with the figures that decided it.
-
+pass / fail / need_more_samples out, with the figures that decided it. Latencies come as
+samples (local source) or as histogram buckets (prometheus), see histogram_latencies.
 Pure: standard library and config only. Every fail is a one-sided test at the configured
 confidence, so a few unlucky requests cannot fail a canary by noise alone.
 """
@@ -21,15 +21,22 @@ Figure = float | int | None
 _NORMAL = NormalDist()
 # p99 exceeds a limit exactly when more than this fraction of requests lies above it.
 _P99_TAIL = 0.01
+# Latencies rebuilt from a histogram are capped like the local reservoir (stats.py).
+HISTOGRAM_SAMPLES = 5000
+
+# (upper bound in seconds, requests in that bucket alone), ascending; +inf last if present.
+Histogram = tuple[tuple[float, int], ...]
 
 
 @dataclass(frozen=True)
 class Sample:
-    """Outcomes of one version in one window; latencies may be a bounded subsample."""
+    """Outcomes of one version in one window; latencies may be a bounded subsample, or
+    come as a histogram (used only when `latencies` is empty)."""
 
     requests: int
     errors: int
     latencies: tuple[float, ...] = ()
+    histogram: Histogram = ()
 
     def __post_init__(self) -> None:
         if self.requests < 0 or not 0 <= self.errors <= self.requests:
@@ -58,7 +65,8 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
     ``p_canary - p_stable > max_error_rate_increase``; an exact binomial test that more
     than 1 % of canary latencies exceed ``max_p99_latency``; a Mann-Whitney U test that
     canary latencies are stochastically larger than ``max_latency_ratio`` x stable's
-    (and the observed p99 ratio agrees).
+    (and the observed p99 ratio agrees). A Sample that carries a histogram instead of
+    latencies is judged on the values histogram_latencies rebuilds from it.
 
     >>> cfg = AnalysisConfig(min_samples=100, max_p99_latency=None, max_latency_ratio=None)
     >>> verdict(Sample(1000, 2), Sample(9000, 30), cfg).verdict
@@ -70,6 +78,8 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
     """
     alpha = 1.0 - cfg.confidence
     z_crit = _NORMAL.inv_cdf(cfg.confidence)
+    canary_latencies = canary.latencies or histogram_latencies(canary.histogram)
+    stable_latencies = stable.latencies or histogram_latencies(stable.histogram)
     figures: dict[str, Figure] = {
         "confidence": cfg.confidence,
         "canary_requests": canary.requests,
@@ -81,8 +91,8 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
         "error_rate_lower_bound": None,
         "error_increase_z": None,
         "error_increase_p": None,
-        "canary_latency_samples": len(canary.latencies),
-        "stable_latency_samples": len(stable.latencies),
+        "canary_latency_samples": len(canary_latencies),
+        "stable_latency_samples": len(stable_latencies),
         "canary_p99": None,
         "stable_p99": None,
         "p99_exceed_fraction": None,
@@ -122,8 +132,8 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
                 f"{cfg.max_error_rate_increase:.2%} (p={p:.2g})"
             )
 
-    if len(canary.latencies) >= cfg.min_samples:
-        canary_sorted = sorted(canary.latencies)
+    if len(canary_latencies) >= cfg.min_samples:
+        canary_sorted = sorted(canary_latencies)
         figures["canary_p99"] = percentile(canary_sorted, 0.99)
         if cfg.max_p99_latency is not None:
             limit = cfg.max_p99_latency
@@ -136,9 +146,9 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
                     f"canary p99 {figures['canary_p99']:.3f}s is above {limit:.3f}s "
                     f"({above} of {len(canary_sorted)} samples above it, p={p:.2g})"
                 )
-        if cfg.max_latency_ratio is not None and len(stable.latencies) >= cfg.min_samples:
+        if cfg.max_latency_ratio is not None and len(stable_latencies) >= cfg.min_samples:
             ratio = cfg.max_latency_ratio
-            stable_scaled = sorted(x * ratio for x in stable.latencies)
+            stable_scaled = sorted(x * ratio for x in stable_latencies)
             stable_p99 = percentile(stable_scaled, 0.99) / ratio
             figures["stable_p99"] = stable_p99
             z = mann_whitney_z(canary_sorted, stable_scaled)
@@ -155,6 +165,45 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
                 )
 
     return Judgement("fail" if reasons else "pass", tuple(reasons), figures)
+
+
+def histogram_latencies(histogram: Histogram, limit: int = HISTOGRAM_SAMPLES) -> tuple[float, ...]:
+    """Per-request latencies equivalent to a histogram, for the tests that rank samples.
+
+    A bucket's n requests are spread evenly over it on a log scale (geometric bounds hold
+    roughly log-uniform latencies; the first bucket, from 0, linearly); the +inf bucket is
+    spread over (last bound, 2 x last bound]. Above `limit` requests the counts are thinned
+    in proportion (largest remainders), as the local window keeps a bounded reservoir.
+    Comparisons across buckets are exact; within a bucket this is a model, so the verdict's
+    resolution is the bucket width (tests/test_analysis.py measures level and power).
+
+    >>> histogram_latencies(((1.0, 2), (4.0, 1)))
+    (0.25, 0.75, 2.0)
+    """
+    total = sum(n for _, n in histogram)
+    if total <= 0:
+        return ()
+    counts = [max(0, n) for _, n in histogram]
+    if total > limit:
+        shares = [n * limit / total for n in counts]
+        counts = [math.floor(x) for x in shares]
+        order = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+        for i in order[: limit - sum(counts)]:
+            counts[i] += 1
+    finite = [b for b, _ in histogram if math.isfinite(b)]
+    top = max(finite, default=1.0)
+    out: list[float] = []
+    lower = 0.0
+    for (bound, _), n in zip(histogram, counts, strict=True):
+        upper = bound if math.isfinite(bound) else 2 * top
+        for k in range(n):
+            f = (k + 0.5) / n
+            if lower > 0.0:
+                out.append(lower * (upper / lower) ** f)
+            else:
+                out.append(upper * f)
+        lower = upper
+    return tuple(out)
 
 
 def wilson_lower(successes: int, n: int, z: float) -> float:

@@ -35,6 +35,8 @@ NotifyFormat = Literal["json", "slack"]
 NOTIFY_FORMATS: tuple[NotifyFormat, ...] = ("json", "slack")
 GateName = Literal["confirm_step", "confirm_promotion"]
 GATE_NAMES: tuple[GateName, ...] = ("confirm_step", "confirm_promotion")
+SourceName = Literal["local", "prometheus"]
+SOURCES: tuple[SourceName, ...] = ("local", "prometheus")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,16 @@ Step = WeightStep | PauseStep
 
 
 @dataclass(frozen=True)
+class PrometheusConfig:
+    """Where the `prometheus` metrics source reads every replica's graygate_* series."""
+
+    url: str  # http(s)://host:port[/path], no trailing slash
+    timeout: float = 2.0  # per query; slower counts as unreachable
+    replicas_selector: str = ""  # extra PromQL label matchers, e.g. 'job="graygate"'
+    scrape_interval: float = 15.0  # windows end this long before now (scrape lag)
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     min_samples: int = 200
     max_error_rate: float = 0.01
@@ -140,6 +152,8 @@ class AnalysisConfig:
     max_latency_ratio: float | None = 1.5
     confidence: float = 0.99
     exclude_reasons: tuple[Reason, ...] = ("force_header", "force_cookie")
+    source: SourceName = "local"  # where the controller reads its windows
+    prometheus: PrometheusConfig | None = None  # required with source: prometheus
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,7 @@ class StateConfig:
     path: str = "./graygate-state.json"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "graygate"
+    lease: float = 3.0  # controller lease (redis); a dead leader's runs out after this
 
 
 @dataclass(frozen=True)
@@ -603,6 +618,7 @@ _TOP_KEYS = (
     "access_log",
     "notifications",
     "upgrades",
+    "analysis",
     "routes",
 )
 _ROUTE_KEYS = (
@@ -622,6 +638,7 @@ _ROUTE_KEYS = (
 )
 _TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
 _ANALYSIS_KEYS = tuple(AnalysisConfig.__dataclass_fields__)
+_SOURCE_KEYS = ("source", "prometheus")  # the top-level `analysis:` holds only these
 
 
 def _admin(value: object, path: str) -> AdminConfig:
@@ -682,7 +699,7 @@ def _str_or_empty(value: object, path: str) -> str:
 
 
 def _state(value: object, path: str) -> StateConfig:
-    t = _table(value, path, ("backend", "path", "redis_url", "redis_prefix"))
+    t = _table(value, path, ("backend", "path", "redis_url", "redis_prefix", "lease"))
     d = StateConfig()
     backend = _choice(t.get("backend", d.backend), _key(path, "backend"), BACKENDS)
     url = _str(t.get("redis_url", d.redis_url), _key(path, "redis_url"))
@@ -693,6 +710,7 @@ def _state(value: object, path: str) -> StateConfig:
         path=_str(t.get("path", d.path), _key(path, "path")),
         redis_url=url,
         redis_prefix=_str(t.get("redis_prefix", d.redis_prefix), _key(path, "redis_prefix")),
+        lease=_lease(t.get("lease", d.lease), _key(path, "lease")),
     )
 
 
@@ -1062,9 +1080,10 @@ def parse_steps(value: object, path: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _analysis(value: object, path: str) -> AnalysisConfig:
+def _analysis(value: object, path: str, inherited: AnalysisConfig | None = None) -> AnalysisConfig:
     t = _table(value, path, _ANALYSIS_KEYS)
     d = AnalysisConfig()
+    source, prometheus = _metrics_source(t, path, inherited or d)
 
     def get(key: str, parse: Callable[[object, str], _T], default: _T) -> _T:
         return parse(t[key], _key(path, key)) if key in t else default
@@ -1098,10 +1117,85 @@ def _analysis(value: object, path: str) -> AnalysisConfig:
         max_latency_ratio=get("max_latency_ratio", optional(ratio), d.max_latency_ratio),
         confidence=get("confidence", confidence, d.confidence),
         exclude_reasons=get("exclude_reasons", reasons, d.exclude_reasons),
+        source=source,
+        prometheus=prometheus,
     )
 
 
-def _rollout(value: object, path: str) -> RolloutConfig:
+# --- metrics source of the rollout analysis (several replicas: prometheus) ------------------
+
+# PromQL label matchers: name op "value", comma-separated; no braces, so a selector can be
+# pasted inside every query's {...} without changing its meaning.
+_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
+_SELECTOR = re.compile(rf"(?:{_MATCHER}(?:,{_MATCHER})*)?,?\s*")
+
+
+def _prometheus(value: object, path: str) -> PrometheusConfig:
+    t = _table(value, path, tuple(PrometheusConfig.__dataclass_fields__), ("url",))
+    url = _str(t["url"], _key(path, "url")).strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        _fail(_key(path, "url"), 'must be "http(s)://host:port[/path]" without a query', url)
+    selector = t.get("replicas_selector", "")
+    selector_path = _key(path, "replicas_selector")
+    if not isinstance(selector, str) or not _SELECTOR.fullmatch(selector):
+        _fail(selector_path, "must be PromQL label matchers like 'job=\"graygate\"'", selector)
+    d = PrometheusConfig(url)
+    return PrometheusConfig(
+        url=url,
+        timeout=_positive_duration(t.get("timeout", d.timeout), _key(path, "timeout")),
+        replicas_selector=selector.strip().rstrip(",").strip(),
+        scrape_interval=_positive_duration(
+            t.get("scrape_interval", d.scrape_interval), _key(path, "scrape_interval")
+        ),
+    )
+
+
+def _metrics_source(
+    t: dict[str, object], path: str, inherited: AnalysisConfig
+) -> tuple[SourceName, PrometheusConfig | None]:
+    """`source` and `prometheus` of one analysis table; unset keys come from `inherited`
+    (the top-level `analysis:`)."""
+    source = inherited.source
+    if "source" in t:
+        source = _choice(t["source"], _key(path, "source"), SOURCES)
+    prometheus = inherited.prometheus
+    if t.get("prometheus") is not None:
+        prometheus = _prometheus(t["prometheus"], _key(path, "prometheus"))
+    if source == "prometheus" and prometheus is None:
+        _fail(
+            _key(path, "prometheus"),
+            "is required with source: prometheus ({url: ...}; here or in the top-level analysis)",
+        )
+    return source, prometheus
+
+
+def _global_source(value: object, path: str) -> AnalysisConfig:
+    t = _table(value, path, _SOURCE_KEYS)
+    source, prometheus = _metrics_source(t, path, AnalysisConfig())
+    return AnalysisConfig(source=source, prometheus=prometheus)
+
+
+def _check_window(interval: float, analysis: AnalysisConfig, path: str) -> None:
+    # increase() needs two samples of every series inside a window.
+    prom = analysis.prometheus
+    if analysis.source == "prometheus" and prom is not None and interval < 2 * prom.scrape_interval:
+        _fail(
+            _key(path, "interval"),
+            f"must be at least 2 scrape intervals ({format_duration(2 * prom.scrape_interval)}) "
+            "with source: prometheus",
+            interval,
+        )
+
+
+def _lease(value: object, path: str) -> float:
+    seconds = parse_duration(value, path)
+    if seconds < 0.3:
+        _fail(path, "must be a duration of at least 300ms", value)
+    return seconds
+
+
+def _rollout(value: object, path: str, inherited: AnalysisConfig | None = None) -> RolloutConfig:
     t = _table(
         value,
         path,
@@ -1116,10 +1210,13 @@ def _rollout(value: object, path: str) -> RolloutConfig:
         ),
     )
     d = RolloutConfig()
+    interval = _positive_duration(t.get("interval", d.interval), _key(path, "interval"))
+    analysis = _analysis(t.get("analysis"), _key(path, "analysis"), inherited)
+    _check_window(interval, analysis, path)
     return RolloutConfig(
         steps=parse_steps(t["steps"], _key(path, "steps")) if "steps" in t else d.steps,
-        interval=_positive_duration(t.get("interval", d.interval), _key(path, "interval")),
-        analysis=_analysis(t.get("analysis"), _key(path, "analysis")),
+        interval=interval,
+        analysis=analysis,
         failure_limit=_int(t.get("failure_limit", d.failure_limit), _key(path, "failure_limit"), 1),
         on_failure=_choice(t.get("on_failure", d.on_failure), _key(path, "on_failure"), ON_FAILURE),
         max_inconclusive=_int(
@@ -1129,7 +1226,7 @@ def _rollout(value: object, path: str) -> RolloutConfig:
     )
 
 
-def _route(value: object, path: str) -> RouteConfig:
+def _route(value: object, path: str, inherited: AnalysisConfig | None = None) -> RouteConfig:
     t = _table(value, path, _ROUTE_KEYS, ("name", "versions"))
     name = _name(t["name"], _key(path, "name"))
     versions = _versions(t["versions"], _key(path, "versions"))
@@ -1159,7 +1256,7 @@ def _route(value: object, path: str) -> RouteConfig:
         retries=_int(t.get("retries", 1), _key(path, "retries"), 0),
         outlier=_outlier(t.get("outlier"), _key(path, "outlier")),
         health_check=_health_check(t.get("health_check"), _key(path, "health_check")),
-        rollout=_rollout(t.get("rollout"), _key(path, "rollout")),
+        rollout=_rollout(t.get("rollout"), _key(path, "rollout"), inherited),
     )
 
 
@@ -1179,8 +1276,9 @@ def parse_config(
     if not route_items:
         _fail("routes", "must list at least one route")
     routes: list[RouteConfig] = []
+    inherited = _global_source(tree.get("analysis"), "analysis")
     for i, item in enumerate(route_items):
-        route = _route(item, f"routes[{i}]")
+        route = _route(item, f"routes[{i}]", inherited)
         for j, other in enumerate(routes):
             if other.name == route.name:
                 _fail(
@@ -1330,4 +1428,6 @@ def describe(config: Config) -> str:
             if g is not None:
                 host = urllib.parse.urlsplit(g.url).netloc.rpartition("@")[2]
                 lines.append(f"  gate {gate}: {host} (timeout {format_duration(g.timeout)})")
+        if ro.analysis.prometheus is not None and ro.analysis.source == "prometheus":
+            lines.append(f"  analysis source: prometheus {ro.analysis.prometheus.url}")
     return "\n".join(lines)

@@ -106,7 +106,9 @@ def decide(
     # need_more_samples, or no window could be read.
     inconclusive = ro.inconclusive + 1
     counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
-    what = "too few samples" if judgement is not None else "no window"
+    # A window that could not be read (metrics source down) says why in its reasons.
+    reasons = "; ".join(judgement.reasons) if judgement is not None else "no window"
+    what = reasons or "too few samples"
     if inconclusive >= policy.max_inconclusive:
         new = replace(
             counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)

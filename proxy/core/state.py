@@ -364,6 +364,22 @@ class PolicyStore:
         self._publish()
         return stored
 
+    def prepare(
+        self, route: str, new: RouteState, expected_revision: int | None = None
+    ) -> RouteState:
+        """What `replace` would store (validated, next revision), without storing it: a
+        shared store writes it first and `adopt`s it once the write is accepted."""
+        rc = self._route_config(route)
+        current = self._states[route]
+        if expected_revision is not None and expected_revision != current.revision:
+            raise PolicyError(
+                "stale_revision",
+                f"route {route!r} is at revision {current.revision}, not {expected_revision}",
+                "If-Match",
+                status=409,
+            )
+        return replace(validate_state(rc, new), revision=current.revision + 1)
+
     def adopt(self, route: str, state: RouteState) -> RouteState:
         """Take a state another replica stored, with its revision: validated like
         `replace`, but the revision is the writer's, so it is not bumped a second time."""

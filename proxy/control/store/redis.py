@@ -1,32 +1,33 @@
-"""The `redis` state backend: route states in one hash and recent events in a capped list
-shared by every replica (RedisStateStore), and the replica side (RedisSync): saves in the
-background, follows other replicas' changes over pub/sub, and holds the controller lease.
+"""The `redis` state backend's commands (RedisStateStore): route states in one hash and
+recent events in a capped list shared by every replica, compare-and-set writes, change
+notices over pub/sub, and the controller lease with its fencing token, in Lua scripts so
+each is one atomic step in redis. The replica's side of it is sync.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.control.store.events import Event, EventLog, event_from_json, json_safe
+from proxy.control.store.events import Event, event_from_json, json_safe
 from proxy.control.store.file import EVENTS_ON_DISK, state_from_json
-from proxy.core.state import PolicyError, PolicyStore, RouteState
+from proxy.core.state import RouteState
 
 logger = logging.getLogger(__name__)
 
-LEASE_MS = 3000  # a crashed leader's lease runs out after this; renewed every third of it
-RETRY_SECONDS = 1.0  # after a failed save or a lost subscription
 CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
+# An admin call waits at most this for redis before answering 503.
+COMMAND_TIMEOUT = 2.0
 
 # Writes only routes whose stored revision is not newer than ours, so a replica that has
 # not yet heard of a change cannot undo it; equal revisions: last write wins. Returns the
@@ -63,14 +64,36 @@ end
 return refused
 """
 
+# One route's change, compare-and-set on its revision: written only if redis still holds
+# the revision the change was computed from (or nothing: redis lost its data). A fenced
+# write (the controller's) also needs the lease to hold exactly this replica's
+# writer:token value, so a leader that lost the lease cannot write after its successor.
+_COMMIT = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[6] then return {'fenced'} end
+local cur = redis.call('HGET', KEYS[1], ARGV[3])
+if cur then
+  local ok, d = pcall(cjson.decode, cur)
+  if ok and type(d) == 'table' and d['revision'] ~= tonumber(ARGV[4]) then
+    return {'stale', cur}
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
+redis.call('PUBLISH', ARGV[1], cjson.encode({writer = ARGV[2], routes = {ARGV[3]}}))
+return {'ok'}
+"""
+
+# Renew the lease if it holds our value, else take it if free with a new fencing token
+# (writer:n, n from a counter that only grows). Returns the value held, or nil.
 _LEASE = """
 local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then
+if cur and cur == ARGV[3] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return cur
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+if cur then return false end
+local value = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
 """
 
 _RELEASE = """
@@ -100,8 +123,23 @@ class RedisStateStore:
         self.events_key = f"{prefix}:events"
         self.channel = f"{prefix}:changes"
         self.lease_key = f"{prefix}:lease"
+        self.fence_key = f"{prefix}:fence"
+        # One immediate retry, on a broken connection only: a pooled connection that a
+        # redis restart closed is replaced at once, while a down redis (refused) or a hung
+        # one (timeout) surfaces at once (503, logged); the loops here retry on their own.
         self.client: aioredis.Redis = aioredis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        )
+        # The subscription never reconnects silently: notices sent while it was down are
+        # lost, so the replica must see the loss and re-read everything (RedisSync.follow).
+        self.notices: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
         )
         self.pubsub: Any = None
         # What this replica last wrote or adopted per route; a save writes only differences.
@@ -136,7 +174,7 @@ class RedisStateStore:
 
     async def subscribe(self) -> None:
         await self.unsubscribe()
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = self.notices.pubsub(ignore_subscribe_messages=True)
         await self.pubsub.subscribe(self.channel)
 
     async def load(self) -> tuple[dict[str, RouteState], list[Event]] | None:
@@ -180,10 +218,32 @@ class RedisStateStore:
         """`state` is what redis holds for `route` (adopted from another replica)."""
         self._known[route] = state
 
-    async def save(self, states: Mapping[str, RouteState], events: Sequence[Event]) -> list[str]:
-        """Write the routes changed since the last save and the events not yet written,
-        then publish the written names; returns the routes refused as older than stored."""
-        changed = {n: s for n, s in states.items() if self._known.get(n) != s}
+    async def commit(
+        self, route: str, expected: int, state: RouteState, fence: str = ""
+    ) -> tuple[str, RouteState | None]:
+        """Compare-and-set one route: ("ok", None), ("stale", what redis holds) or
+        ("fenced", None) when `fence` is set and no longer the lease's value."""
+        doc = json.dumps(json_safe(state.to_json()), sort_keys=True, allow_nan=False)
+        keys = (self.routes_key, self.lease_key)
+        args = (self.channel, self.writer, route, expected, doc, fence)
+        reply = await self.client.eval(_COMMIT, 2, *keys, *args)
+        outcome = _text(reply[0])
+        if outcome == "ok":
+            self._known[route] = state
+        if outcome == "stale":
+            try:
+                return outcome, state_from_json(route, json.loads(reply[1]))
+            except ValueError as exc:
+                logger.warning("redis %s: route %r unreadable: %s", self.routes_key, route, exc)
+        return outcome, None
+
+    async def save(
+        self, states: Mapping[str, RouteState], events: Sequence[Event], every: bool = False
+    ) -> list[str]:
+        """Write the routes changed since the last save (`every`: all of them) and the
+        events not yet written, then publish the written names; returns the routes refused
+        as older than stored."""
+        changed = {n: s for n, s in states.items() if every or self._known.get(n) != s}
         fresh = [e for e in events if e.id > self._last_event]
         if not changed and not fresh:
             return []
@@ -202,172 +262,21 @@ class RedisStateStore:
             self._last_event = fresh[-1].id
         return sorted(refused_names)
 
-    async def hold_lease(self, ms: int) -> bool:
-        """Take the lease if free, renew it if ours; False while another replica holds it."""
-        got = await self.client.eval(_LEASE, 1, self.lease_key, self.writer, ms)
-        return bool(got)
+    async def hold_lease(self, ms: int, held: str = "") -> str | None:
+        """Renew the lease if it still holds `held`, take it if free (a new fencing token);
+        the value now held, None while another replica holds it."""
+        got = await self.client.eval(
+            _LEASE, 2, self.lease_key, self.fence_key, self.writer, ms, held
+        )
+        return _text(got) if got else None
 
-    async def release_lease(self) -> None:
-        await self.client.eval(_RELEASE, 1, self.lease_key, self.writer)
+    async def release_lease(self, held: str) -> None:
+        await self.client.eval(_RELEASE, 1, self.lease_key, held)
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     async def close(self) -> None:
         await self.unsubscribe()
+        await self.notices.aclose()
         await self.client.aclose()
-
-
-class RedisSync:
-    """One replica's link to the shared state: `persist` (synchronous, for the admin API
-    and the controller) wakes the background writer; `follow` adopts other replicas'
-    changes; `keep_lease` decides whether this replica runs the rollout controller."""
-
-    def __init__(
-        self,
-        backend: RedisStateStore,
-        store: PolicyStore,
-        events: EventLog,
-        lease_ms: int = LEASE_MS,
-    ) -> None:
-        self.backend = backend
-        self.store = store
-        self.events = events
-        self.lease_ms = lease_ms
-        self._dirty = asyncio.Event()
-        # Saves are serialized: the writer task and the final flush never interleave.
-        self._lock = asyncio.Lock()
-        self._lease_until = 0.0  # monotonic; the lease counts as ours until then
-        self._resigned = False
-        self.tasks: list[asyncio.Task[None]] = []
-        self._lease_task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(self._writer()))
-        self.tasks.append(loop.create_task(self.follow()))
-        self._lease_task = loop.create_task(self.keep_lease())
-        self.tasks.append(self._lease_task)
-
-    def persist(self) -> None:
-        # Never blocks: each save writes the states current when it runs, so a burst of
-        # changes collapses into one write and the last state wins.
-        self._dirty.set()
-
-    def holds_lease(self) -> bool:
-        return not self._resigned and time.monotonic() < self._lease_until
-
-    async def flush(self) -> None:
-        async with self._lock:
-            await self._save()
-
-    async def _save(self) -> None:
-        refused = await self.backend.save(self.store.states(), self.events.since(0))
-        if refused:
-            logger.info("redis: routes %s changed on another replica; re-reading", refused)
-            await self._pull(refused)
-
-    async def _writer(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            try:
-                async with self._lock:
-                    await self._save()
-            except (RedisError, OSError) as exc:
-                logger.error("redis: state not saved (%s); retrying in %gs", exc, RETRY_SECONDS)
-                await asyncio.sleep(RETRY_SECONDS)
-                self._dirty.set()
-
-    async def _pull(self, names: Iterable[str]) -> None:
-        remote = await self.backend.load_routes(names)
-        for name, state in remote.items():
-            try:
-                local = self.store.state(name)
-            except KeyError:
-                continue  # a route this replica's config does not have
-            # A local state with a higher revision is a change of ours not yet saved.
-            if state.revision < local.revision or state == local:
-                continue
-            try:
-                adopted = self.store.adopt(name, state)
-            except PolicyError as exc:
-                logger.warning("redis: route %s from another replica refused: %s", name, exc)
-                continue
-            self.backend.remember(name, adopted)
-
-    async def follow(self) -> None:
-        """Adopt what other replicas publish; after a lost subscription, resubscribe and
-        re-read every route (notifications sent meanwhile are gone)."""
-        while True:
-            try:
-                if self.backend.pubsub is None:
-                    await self.backend.subscribe()
-                    await self._pull(await self.backend.route_names())
-                await self._listen()
-            except (RedisError, OSError) as exc:
-                logger.warning("redis: subscription lost (%s); resubscribing", exc)
-                await self.backend.unsubscribe()
-                await asyncio.sleep(RETRY_SECONDS)
-
-    async def _listen(self) -> None:
-        while True:
-            message = await self.backend.pubsub.get_message(timeout=1.0)
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                data = json.loads(message["data"])
-                writer, routes = data["writer"], data["routes"]
-            except (ValueError, KeyError, TypeError):
-                logger.warning("redis: unreadable change notice %r", message.get("data"))
-                continue
-            if writer == self.backend.writer or not isinstance(routes, list):
-                continue
-            await self._pull(str(r) for r in routes)
-
-    async def keep_lease(self) -> None:
-        interval = self.lease_ms / 3000
-        while True:
-            asked = time.monotonic()
-            try:
-                held = await self.backend.hold_lease(self.lease_ms)
-            except (RedisError, OSError) as exc:
-                logger.warning("redis: controller lease not renewed (%s)", exc)
-            else:
-                was = self.holds_lease()
-                # Counted from before the request, with a margin: never believe in a lease
-                # redis has already let go.
-                self._lease_until = asked + self.lease_ms / 1000 * 0.8 if held else 0.0
-                if held != was:
-                    logger.info(
-                        "redis: %s the rollout controller lease", "took" if held else "lost"
-                    )
-            await asyncio.sleep(interval)
-
-    async def resign(self) -> None:
-        """Stop leading (shutdown): another replica takes the controller over at once."""
-        self._resigned = True
-        if self._lease_task is not None:
-            # A renewal still in flight could take the lease again after the release.
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
-        # Released even when not known as ours: a cancelled renewal may have taken it.
-        self._lease_until = 0.0
-        try:
-            await self.backend.release_lease()
-        except (RedisError, OSError) as exc:
-            logger.warning("redis: lease not released (%s); it runs out by itself", exc)
-
-    async def close(self) -> None:
-        """Stop the tasks, write what is left, release the lease, close the connections."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.tasks.clear()
-        try:
-            await self.flush()
-        except (RedisError, OSError) as exc:
-            logger.error("redis: final state not saved: %s", exc)
-        if not self._resigned:
-            await self.resign()
-        await self.backend.close()
