@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -21,6 +22,7 @@ from proxy.core.config import ConfigError, describe, load_config
 logger = logging.getLogger("proxy")
 
 DEMO_CONFIG = "config/demo.yaml"
+CONFIG_SCHEMA = Path(__file__).parent / "core" / "config.schema.json"
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -104,6 +106,18 @@ Ctrl-C stops everything.
     return _run(main())
 
 
+def _openapi(ns: argparse.Namespace) -> int:
+    from proxy.control import openapi
+
+    sys.stdout.write(openapi.text())
+    return 0
+
+
+def _schema(ns: argparse.Namespace) -> int:
+    sys.stdout.write(CONFIG_SCHEMA.read_text(encoding="utf-8"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graygate", description="Traffic-splitting reverse proxy for gray releases."
@@ -138,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=_sample)
 
+    p = sub.add_parser("openapi", help="print the admin API's OpenAPI 3.1 document (JSON)")
+    p.set_defaults(func=_openapi)
+
+    p = sub.add_parser("schema", help="print the config file's JSON Schema")
+    p.set_defaults(func=_schema)
+
     ctl.add_arguments(sub)
     return parser
 
@@ -149,6 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if ns.func in (_serve, _check, _demo, _sample):
+    if ns.func in (_serve, _check, _demo, _sample, _openapi, _schema):
         return int(ns.func(ns))
     return int(_run(ns.func(ns)))

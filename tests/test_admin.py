@@ -4,6 +4,7 @@ import random
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from openapi_check import ResponseChecker
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.metrics import make_registry
@@ -73,19 +74,25 @@ class Harness:
         self.stats.reconfigure(config)
 
 
+async def serve(harness):
+    """The admin app with every answer checked against the OpenAPI document."""
+    checker = ResponseChecker()
+    async with TestClient(TestServer(checker.install(make_admin_app(harness.ctx)))) as client:
+        harness.client = client
+        harness.app = client.server.app
+        yield harness
+    checker.assert_clean()
+
+
 @pytest.fixture
 async def h(tmp_path):
-    harness = Harness(tmp_path)
-    async with TestClient(TestServer(make_admin_app(harness.ctx))) as client:
-        harness.client = client
+    async for harness in serve(Harness(tmp_path)):
         yield harness
 
 
 @pytest.fixture
 async def ht(tmp_path):
-    harness = Harness(tmp_path, token=TOKEN, with_metrics=True)
-    async with TestClient(TestServer(make_admin_app(harness.ctx))) as client:
-        harness.client = client
+    async for harness in serve(Harness(tmp_path, token=TOKEN, with_metrics=True)):
         yield harness
 
 
