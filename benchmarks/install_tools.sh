@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the benchmark harness runs besides Python: nginx (upstreams and the
-# comparison proxy), wrk (load generator) and taskset (CPU pinning). Debian/Ubuntu.
+# comparison proxy), wrk (load generator) and taskset (CPU pinning); redis-server and
+# chromium for the tests. Debian/Ubuntu.
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -8,8 +9,10 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 # Not a benchmark tool: tests/test_store_redis.py starts a real redis-server.
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+# Not a benchmark tool: tests/test_dashboard.py drives Debian's chromium with Playwright.
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "tools present: nginx, wrk, taskset, redis-server"
+    echo "tools present: nginx, wrk, taskset, redis-server, chromium"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 import yaml
@@ -133,8 +134,12 @@ async def test_dashboard_is_self_contained(ht):
     resp = await ht.client.get("/")
     assert resp.status == 200 and resp.content_type == "text/html"
     html = await resp.text()
-    assert "/api/v1/routes" in html and "/api/v1/stats" in html
-    assert "http://" not in html and "https://" not in html and "<link" not in html
+    assert 'const API = "/api/v1"' in html
+    # No asset from anywhere else: no absolute URL, no script or image source, and the one
+    # link (the icon) is inline, so the browser asks for no /favicon.ico either.
+    assert "http://" not in html and "https://" not in html
+    assert re.findall(r"<link[^>]*>", html) == ['<link rel="icon" href="data:,">']
+    assert re.search(r"<(script|img|iframe)[^>]*\ssrc=", html) is None
 
 
 async def test_unknown_path_and_method_are_json(h):
