@@ -314,5 +314,10 @@ async def test_pause_and_resume_from_the_page_show_in_api_and_timeline(browser, 
         actions = [e["action"] for e in (await resp.json())["events"]]
     assert actions.count("rollout.pause") == 2 and actions.count("rollout.resume") == 1
     await shot(page, "rollout-stale-409")
+    await page.set_viewport_size(PHONE)
+    await expect(shop.locator(".timeline li").first).to_be_visible()
+    await shot(page, "rollout-phone")
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
     assert console.errors == [] or all("409" in e for e in console.errors), console.errors
     await page.context.close()
