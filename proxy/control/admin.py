@@ -544,11 +544,7 @@ async def _openapi(request: web.Request) -> web.Response:
 
 async def _sampling(app: web.Application) -> AsyncIterator[None]:
     """The series' sampling task lives exactly as long as the admin app."""
-    series = app.get(SERIES)
-    if series is None:
-        yield
-        return
-    task = asyncio.get_running_loop().create_task(series.run(app[CTX].now))
+    task = asyncio.get_running_loop().create_task(app[SERIES].run(app[CTX].now))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
