@@ -23,8 +23,8 @@ test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 check: $(STAMP)
-	$(VENV)/bin/ruff format --check proxy tests benchmarks
-	$(VENV)/bin/ruff check proxy tests benchmarks
+	$(VENV)/bin/ruff format --check proxy tests benchmarks scripts
+	$(VENV)/bin/ruff check proxy tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 bench: $(STAMP) tools

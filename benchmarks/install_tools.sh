@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the benchmark harness and the tests run besides Python: nginx (upstreams
-# and the comparison proxy), wrk (load generator), taskset (CPU pinning), redis-server and
-# prometheus. Debian/Ubuntu.
+# and the comparison proxy), wrk (load generator), taskset (CPU pinning), redis-server,
+# prometheus and chromium (tests/test_dashboard.py drives it with Playwright). Debian/Ubuntu.
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -11,8 +11,9 @@ command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 # replica tests a real prometheus scraping two graygate processes.
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "tools present: nginx, wrk, taskset, redis-server, prometheus"
+    echo "tools present: nginx, wrk, taskset, redis-server, prometheus, chromium"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -23,6 +24,7 @@ from proxy.dataplane.tls import server_context
 logger = logging.getLogger("proxy")
 
 DEMO_CONFIG = "config/demo.yaml"
+CONFIG_SCHEMA = Path(__file__).parent / "core" / "config.schema.json"
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -108,6 +110,18 @@ Ctrl-C stops everything.
     return _run(main())
 
 
+def _openapi(ns: argparse.Namespace) -> int:
+    from proxy.control import openapi
+
+    sys.stdout.write(openapi.text())
+    return 0
+
+
+def _schema(ns: argparse.Namespace) -> int:
+    sys.stdout.write(CONFIG_SCHEMA.read_text(encoding="utf-8"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graygate", description="Traffic-splitting reverse proxy for gray releases."
@@ -148,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=_sample)
 
+    p = sub.add_parser("openapi", help="print the admin API's OpenAPI 3.1 document (JSON)")
+    p.set_defaults(func=_openapi)
+
+    p = sub.add_parser("schema", help="print the config file's JSON Schema")
+    p.set_defaults(func=_schema)
+
     ctl.add_arguments(sub)
     return parser
 
@@ -155,6 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     configure(ns.log_level, ns.log_format)
-    if ns.func in (_serve, _check, _demo, _sample):
+    if ns.func in (_serve, _check, _demo, _sample, _openapi, _schema):
         return int(ns.func(ns))
     return int(_run(ns.func(ns)))

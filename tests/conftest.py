@@ -151,38 +151,50 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.admin_port}"
 
 
+async def start_gateway(
+    directory: Path, index: int, routes: list[dict[str, Any]], **top: Any
+) -> RunningGateway:
+    """The real App in-process on free loopback ports, its files under `directory`."""
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "state": {"path": str(directory / f"state-{index}.json")},
+        "grace_period": "2s",
+        "routes": routes,
+    }
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = directory / f"graygate-{index}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    app = App(str(path), parse_config(data, env={}, source=str(path)))
+    await app.start()
+    assert app.server is not None and app.admin_runner is not None
+    port = app.server.sockets[0].getsockname()[1]
+    admin_port = app.admin_runner.addresses[0][1]
+    return RunningGateway(app, port, admin_port)
+
+
+async def stop_gateway(gw: RunningGateway) -> None:
+    gw.app.config = dataclasses.replace(gw.app.config, grace_period=0.5)
+    await gw.app.shutdown()
+
+
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     """Factory: `await gateway(routes=[...], **top_level)` runs the real App in-process."""
-    apps: list[App] = []
+    running: list[RunningGateway] = []
 
     async def start(routes: list[dict[str, Any]], **top: Any) -> RunningGateway:
-        data: dict[str, Any] = {
-            "listen": "127.0.0.1:0",
-            "admin": {"listen": "127.0.0.1:0"},
-            "state": {"path": str(tmp_path / f"state-{len(apps)}.json")},
-            "grace_period": "2s",
-            "routes": routes,
-        }
-        for key, value in top.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        path = tmp_path / f"graygate-{len(apps)}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        app = App(str(path), parse_config(data, env={}, source=str(path)))
-        await app.start()
-        apps.append(app)
-        assert app.server is not None and app.admin_runner is not None
-        port = app.server.sockets[0].getsockname()[1]
-        admin_port = app.admin_runner.addresses[0][1]
-        return RunningGateway(app, port, admin_port)
+        gw = await start_gateway(tmp_path, len(running), routes, **top)
+        running.append(gw)
+        return gw
 
     yield start
-    for app in apps:
-        app.config = dataclasses.replace(app.config, grace_period=0.5)
-        await app.shutdown()
+    for gw in running:
+        await stop_gateway(gw)
 
 
 async def raw_request(port: int, data: bytes, timeout: float = 5.0, read_all: bool = True) -> bytes:

@@ -1,11 +1,13 @@
 import json
 import random
+import re
 
 import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import raw_request, route_config
+from openapi_check import ResponseChecker
 
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.metrics import make_registry
@@ -75,19 +77,25 @@ class Harness:
         self.stats.reconfigure(config)
 
 
+async def serve(harness):
+    """The admin app with every answer checked against the OpenAPI document."""
+    checker = ResponseChecker()
+    async with TestClient(TestServer(checker.install(make_admin_app(harness.ctx)))) as client:
+        harness.client = client
+        harness.app = client.server.app
+        yield harness
+    checker.assert_clean()
+
+
 @pytest.fixture
 async def h(tmp_path):
-    harness = Harness(tmp_path)
-    async with TestClient(TestServer(make_admin_app(harness.ctx))) as client:
-        harness.client = client
+    async for harness in serve(Harness(tmp_path)):
         yield harness
 
 
 @pytest.fixture
 async def ht(tmp_path):
-    harness = Harness(tmp_path, token=TOKEN, with_metrics=True)
-    async with TestClient(TestServer(make_admin_app(harness.ctx))) as client:
-        harness.client = client
+    async for harness in serve(Harness(tmp_path, token=TOKEN, with_metrics=True)):
         yield harness
 
 
@@ -128,8 +136,12 @@ async def test_dashboard_is_self_contained(ht):
     resp = await ht.client.get("/")
     assert resp.status == 200 and resp.content_type == "text/html"
     html = await resp.text()
-    assert "/api/v1/routes" in html and "/api/v1/stats" in html
-    assert "http://" not in html and "https://" not in html and "<link" not in html
+    assert 'const API = "/api/v1"' in html
+    # No asset from anywhere else: no absolute URL, no script or image source, and the one
+    # link (the icon) is inline, so the browser asks for no /favicon.ico either.
+    assert "http://" not in html and "https://" not in html
+    assert re.findall(r"<link[^>]*>", html) == ['<link rel="icon" href="data:,">']
+    assert re.search(r"<(script|img|iframe)[^>]*\ssrc=", html) is None
 
 
 async def test_unknown_path_and_method_are_json(h):

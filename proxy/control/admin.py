@@ -6,13 +6,14 @@ event. Never touches the data plane directly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.registry import CollectorRegistry
 
+from proxy.control import openapi
+from proxy.control.series import Series, bucket_p99
 from proxy.control.store.events import EventLog, json_safe
 from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core import rollout
 from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
 from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
-from proxy.core.stats import BUCKETS, Stats, is_error
+from proxy.core.stats import Stats, is_error
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class AdminContext:
 
 
 CTX = web.AppKey("graygate_admin_ctx", AdminContext)
+SERIES = web.AppKey("graygate_admin_series", Series)  # only when ctx.stats is set
 
 
 class ApiError(Exception):
@@ -396,23 +400,10 @@ def _version_stats(ctx: AdminContext, route: str, version: str) -> dict[str, Any
         "errors": errors,
         "error_rate": errors / requests if requests else None,
         "inflight": vs.inflight,
-        "p99_seconds": _p99(list(vs.bucket_counts)),
+        "p99_seconds": bucket_p99(list(vs.bucket_counts)),
         "by_reason": by_reason,
         "window": {"requests": vs.window.requests, "errors": vs.window.errors},
     }
-
-
-def _p99(bucket_counts: list[int]) -> float | None:
-    # Upper bound of the bucket holding the 99th percentile, as a histogram_quantile would.
-    total = sum(bucket_counts)
-    if total == 0:
-        return None
-    rank, seen = 0.99 * total, 0
-    for i, n in enumerate(bucket_counts):
-        seen += n
-        if seen >= rank:
-            return BUCKETS[i] if i < len(BUCKETS) else None
-    return None
 
 
 def _summary(ctx: AdminContext, route: RouteConfig) -> dict[str, Any]:
@@ -648,9 +639,51 @@ async def _reload(request: web.Request) -> web.Response:
     return _json({"status": "reloaded", "routes": list(after)})
 
 
+# ---- dashboard series and the API's own description (issue 14) -----------------------------
+
+
+async def _series(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    route = _route(request)
+    series = request.app.get(SERIES)
+    if series is None:
+        raise ApiError(404, "not_found", "series are not enabled (no statistics)")
+    now = ctx.now()
+    oldest = now - series.span
+    versions = {
+        v: [p.to_json() for p in series.points(route.name, v) if p.time > oldest]
+        for v in route.version_names
+    }
+    return _json(
+        {
+            "route": route.name,
+            "interval": series.interval,
+            "span": series.span,
+            "now": now,
+            "versions": versions,
+        }
+    )
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.text(), content_type="application/json")
+
+
+async def _sampling(app: web.Application) -> AsyncIterator[None]:
+    """The series' sampling task lives exactly as long as the admin app."""
+    task = asyncio.get_running_loop().create_task(app[SERIES].run(app[CTX].now))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def make_admin_app(ctx: AdminContext) -> web.Application:
     app = web.Application(middlewares=[_errors, _guard, _auth], client_max_size=1024 * 1024)
     app[CTX] = ctx
+    if ctx.stats is not None:
+        app[SERIES] = Series(ctx.stats)
+        app.cleanup_ctx.append(_sampling)
     r = app.router
     r.add_get("/", _dashboard)
     r.add_get("/healthz", _healthz)
@@ -665,4 +698,6 @@ def make_admin_app(ctx: AdminContext) -> web.Application:
     r.add_get(API + "/events", _events)
     r.add_get(API + "/stats", _stats)
     r.add_post(API + "/reload", _reload)
+    r.add_get(API + "/routes/{route}/series", _series)
+    r.add_get(API + "/openapi.json", _openapi)
     return app
