@@ -194,7 +194,9 @@ def ext_modules() -> list[object]:
 
     targets = compile_targets()
     print(f"graygate: compiling {len(targets)} modules with mypyc", file=sys.stderr)
-    return list(mypycify(targets, group_name=GROUP, target_dir="build/mypyc"))
+    # A cache of its own: the one of `make check` was made with other packages installed.
+    options = ["--cache-dir", "build/mypyc/cache"]
+    return list(mypycify([*options, *targets], group_name=GROUP, target_dir="build/mypyc"))
 
 
 if __name__ == "__main__":
