@@ -26,7 +26,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-COMPILE: list[str] = PYPROJECT["tool"]["graygate"]["mypyc"]["include"]  # globs, from ROOT
+MYPYC: dict[str, list[str]] = PYPROJECT["tool"]["graygate"]["mypyc"]  # globs, from ROOT
 GROUP = "proxy.compiled"  # mypyc's shared library: proxy/compiled__mypyc.*.so
 MANIFEST = "_compiled.json"
 PURE_REASON = ["not compiled"]  # set by ext_modules(), recorded by BuildPy
@@ -34,14 +34,15 @@ COMMANDS_THAT_COMPILE = {"build", "build_ext", "bdist_wheel", "editable_wheel", 
 
 
 def compile_targets(root: Path = ROOT) -> list[str]:
-    """The source files to compile, relative to root, sorted: every glob match but
-    package __init__ files (nothing to gain, and packages stay importable as such)."""
-    found = {
-        Path(p).relative_to(root).as_posix()
-        for pattern in COMPILE
-        for p in glob.glob(str(root / pattern))
-    }
-    return sorted(p for p in found if not p.endswith("/__init__.py"))
+    """The source files to compile, relative to root, sorted: what include matches and
+    exclude does not, never a package __init__ (nothing to gain; packages stay packages)."""
+
+    def matches(key: str) -> set[str]:
+        found = (Path(p) for g in MYPYC.get(key, []) for p in glob.glob(str(root / g)))
+        return {p.relative_to(root).as_posix() for p in found}
+
+    targets = matches("include") - matches("exclude")
+    return sorted(p for p in targets if not p.endswith("/__init__.py"))
 
 
 def module_name(path: str) -> str:

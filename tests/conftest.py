@@ -40,10 +40,13 @@ BOTH_LOOPS = {
 
 def compiled_sources(root: Path = ROOT) -> list[Path]:
     """The sources that pyproject.toml [tool.graygate.mypyc] says to compile, as setup.py
-    expands its globs (package __init__ files are never compiled)."""
-    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    found = {p for g in pyproject["tool"]["graygate"]["mypyc"]["include"] for p in root.glob(g)}
-    return sorted(p for p in found if p.name != "__init__.py")
+    expands its globs (include minus exclude; package __init__ files are never compiled)."""
+    mypyc = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["graygate"]["mypyc"]
+
+    def matches(key: str) -> set[Path]:
+        return {p for g in mypyc.get(key, []) for p in root.glob(g)}
+
+    return sorted(p for p in matches("include") - matches("exclude") if p.name != "__init__.py")
 
 
 def module_of(path: Path, root: Path = ROOT) -> str:

@@ -90,10 +90,20 @@ def test_the_build_has_every_typed_package_the_compiled_modules_import() -> None
 
 
 def test_globs_pick_up_a_module_added_to_the_data_plane(tmp_path: Path) -> None:
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    for rel in ["proxy/dataplane/__init__.py", "proxy/dataplane/attempt.py", "proxy/core/state.py"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    for rel in ["dataplane/__init__.py", "dataplane/attempt.py", "dataplane/gateway.py"]:
+        (tmp_path / "proxy" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "proxy" / rel).write_text("")
+    (tmp_path / "proxy" / "core").mkdir()
+    (tmp_path / "proxy" / "core" / "state.py").write_text("")
+    assert [module_of(p, tmp_path) for p in compiled_sources(tmp_path)] == [
+        "proxy.dataplane.attempt",
+        "proxy.dataplane.gateway",
+    ]
+    excluding = pyproject.replace("exclude = []", 'exclude = ["proxy/dataplane/gateway.py"]')
+    assert excluding != pyproject
+    (tmp_path / "pyproject.toml").write_text(excluding)
     assert [module_of(p, tmp_path) for p in compiled_sources(tmp_path)] == [
         "proxy.dataplane.attempt"
     ]
@@ -105,6 +115,12 @@ def load_setup_py() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # setup() itself runs only as __main__
     return module
+
+
+def test_setup_py_expands_the_globs_as_the_tests_do() -> None:
+    pytest.importorskip("setuptools")
+    expected = [p.relative_to(ROOT).as_posix() for p in compiled_sources()]
+    assert load_setup_py().compile_targets() == expected
 
 
 def test_a_compiler_that_fails_leaves_a_pure_build_that_says_why(tmp_path: Path) -> None:
