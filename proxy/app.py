@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import __version__
+from proxy.build import BUILD
 from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
 from proxy.control.children import SupervisorError
 from proxy.control.controller import Controller
@@ -381,6 +383,9 @@ def _bound(server: asyncio.Server) -> str:
 
 async def serve(config_path: str, reset_state: bool = False) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    level = logging.WARNING if BUILD.stale else logging.INFO
+    note = f"; {BUILD.note}" if BUILD.note else ""
+    logger.log(level, "graygate %s (%s)%s", __version__, BUILD.describe(), note)
     try:
         config = load_config(config_path)
     except ConfigError as exc:

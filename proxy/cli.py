@@ -16,6 +16,7 @@ from typing import Any
 import uvloop
 
 from proxy import __version__
+from proxy.build import BUILD
 from proxy.control import ctl
 from proxy.control.logs import LOG_FORMATS, configure
 from proxy.core.config import ConfigError, describe, load_config
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graygate", description="Traffic-splitting reverse proxy for gray releases."
     )
-    parser.add_argument("--version", action="version", version=f"graygate {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"graygate {__version__} ({BUILD.describe()})"
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("GRAYGATE_LOG_LEVEL", "INFO"),

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,32 @@ BOTH_LOOPS = {
     "test_upgrades",
     "test_control_bytes",
 }
+
+
+def compiled_sources(root: Path = ROOT) -> list[Path]:
+    """The sources that pyproject.toml [tool.graygate.mypyc] says to compile, as setup.py
+    expands its globs (include minus exclude; package __init__ files are never compiled)."""
+    mypyc = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["graygate"]["mypyc"]
+
+    def matches(key: str) -> set[Path]:
+        return {p for g in mypyc.get(key, []) for p in root.glob(g)}
+
+    return sorted(p for p in matches("include") - matches("exclude") if p.name != "__init__.py")
+
+
+def module_of(path: Path, root: Path = ROOT) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts)
+
+
+# Run again on the pure build (`make test-pure`): the data-plane and HTTP suites, the test
+# file of every compiled module (tests mirror modules), and the build's own tests.
+BOTH_BUILDS = BOTH_LOOPS | {f"test_{p.stem}" for p in compiled_sources()} | {"test_build"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in BOTH_BUILDS:
+            item.add_marker(pytest.mark.both_builds)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -470,3 +470,33 @@ async def test_connection_naming_content_length_cannot_smuggle_a_request(upstrea
     assert json.loads((await c.response()).body)["path"] == "/next"
     await asyncio.sleep(0.2)
     assert [x["path"] for x in blue.requests] == ["/outer", "/next"]
+
+
+# -- absolute-form targets (httptools.parse_url leaves absent parts None) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "host"),
+    [
+        ("http://127.0.0.1:{port}/abs?q=1", "/abs?q=1", "127.0.0.1:{port}"),
+        ("http://127.0.0.1:{port}/abs", "/abs", "127.0.0.1:{port}"),  # no query
+        ("http://localhost/abs?q=1", "/abs?q=1", "localhost"),  # no port
+        ("http://localhost", "/", "localhost"),  # no port, path or query
+    ],
+)
+async def test_absolute_form_target_parts_may_be_absent(
+    upstreams, gateway, conns, target, path, host
+):
+    # The stubs type every part of parse_url's result as present; compiled code trusts
+    # declared types, so each absent part is a path of its own.
+    blue = await upstreams("blue")
+    gw = await gateway([route_config(blue.url)], timeouts=FAST)
+    c = await conns(gw.port)
+    await c.send(f"GET {target.format(port=gw.port)} HTTP/1.1\r\nHost: other\r\n\r\n".encode())
+    r = await c.response()
+    assert r.status == 200, r
+    (seen,) = blue.requests
+    assert seen["raw_path"] == path
+    assert [v for n, v in seen["headers"] if n.lower() == b"host"] == [
+        host.format(port=gw.port).encode()
+    ]

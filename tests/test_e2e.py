@@ -25,6 +25,9 @@ import yaml
 from aiohttp import web
 from conftest import ROOT, Process, free_port, route_config
 
+from proxy import __version__
+from proxy.build import BUILD
+
 # conftest's graygate_process leaves its log file handle to the garbage collector.
 MIB = 1024 * 1024
 TIMEOUTS = {"connect": "500ms", "read": "1s", "request": "3s"}
@@ -253,6 +256,7 @@ async def test_serve_proxies_and_exits_0_on_signal(
     p = graygate_process("serve", "-c", cfg.path.name)
     await wait_up(p, cfg.port, cfg.admin_port)
     log = await wait_log(p, "serving on")
+    assert f"graygate {__version__} ({BUILD.describe()})" in log  # which build runs
     assert f"127.0.0.1:{cfg.port}" in log
     assert f"127.0.0.1:{cfg.admin_port}" in log
 

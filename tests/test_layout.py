@@ -179,7 +179,7 @@ def test_the_planes_are_folders() -> None:
     planes = {p.name for p in PROXY.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert planes == {"core", "dataplane", "control"}
     top_modules = {p.stem for p in PROXY.glob("*.py")}
-    assert top_modules == {"__init__", "__main__", "app", "cli"}
+    assert top_modules == {"__init__", "__main__", "app", "build", "cli"}
 
 
 def test_the_real_tree_keeps_every_rule() -> None:

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from email.utils import formatdate
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -37,6 +37,31 @@ HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::
 EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
 NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
 WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
+
+
+class ParsedURL(Protocol):
+    """httptools.parse_url's result as it is at run time: an absent part is None, though
+    the stubs say bytes and int (compiled code would raise TypeError on that None)."""
+
+    @property
+    def schema(self) -> bytes | None: ...
+    @property
+    def host(self) -> bytes | None: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def path(self) -> bytes | None: ...
+    @property
+    def query(self) -> bytes | None: ...
+
+
+def parse_url(target: bytes) -> ParsedURL | None:
+    """None for a target that is no URL. The declared return type is what keeps compiled
+    code from narrowing the result to the stubs' URL and unboxing its None parts."""
+    try:
+        return httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return None
 
 
 class HeadTooLarge(Exception):
@@ -455,10 +480,7 @@ class DownstreamProtocol(asyncio.Protocol):
         elif target == b"*" and method == b"OPTIONS":
             path = "/"
         else:
-            try:
-                u = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                u = None
+            u = parse_url(target)
             if u is None or u.schema not in (b"http", b"https") or not u.host:
                 error = (400, "bad_request", "invalid request target")
             else:
