@@ -197,7 +197,12 @@ def ext_modules() -> list[object]:
     print(f"graygate: compiling {len(targets)} modules with mypyc", file=sys.stderr)
     # A cache of its own: the one of `make check` was made with other packages installed.
     options = ["--cache-dir", "build/mypyc/cache"]
-    return list(mypycify([*options, *targets], group_name=GROUP, target_dir="build/mypyc"))
+    try:
+        return list(mypycify([*options, *targets], group_name=GROUP, target_dir="build/mypyc"))
+    except (SystemExit, Exception) as exc:  # mypy/mypyc refused a module: say so, stay pure
+        PURE_REASON[0] = f"mypyc failed ({exc})"
+        print(f"graygate: {PURE_REASON[0]}: pure Python build", file=sys.stderr)
+        return []
 
 
 if __name__ == "__main__":
