@@ -15,7 +15,8 @@ from typing import Any
 from proxy.core.config import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import DownstreamProtocol, Gateway
+from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = (

@@ -16,6 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,8 @@ from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import Gateway
+from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.tls import reload_context, server_context
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ class App:
             tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         try:
             self.server = await loop.create_server(
-                self.gateway.protocol,
+                partial(DownstreamProtocol, self.gateway),
                 listen.host or None,
                 listen.port,
                 backlog=4096,

@@ -8,35 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import Iterable
-from email.utils import formatdate
 from typing import cast
 
 import httptools
 
-from proxy.core.config import Config
 from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
-from proxy.core.hosts import host_name, matches
-from proxy.core.state import PolicyStore, RoutingPolicy
-from proxy.core.stats import Stats
-from proxy.dataplane.exchange import REASONS, Exchange, Runtime, build_runtime
-from proxy.dataplane.upstream import Upstreams
+from proxy.core.responses import REASONS
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
-LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # in host_name() form
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
 # uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
 HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 # A well-formed request line whose method llhttp does not know: 501, not 400.
 EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
 NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
-WATCH_TICK = 0.1  # resolution of every timeout, client and upstream
 
 
 class HeadTooLarge(Exception):
@@ -45,102 +37,6 @@ class HeadTooLarge(Exception):
 
 class BodyTooLarge(Exception):
     """Raised inside a parser callback; the verdict waits in `limit_error`."""
-
-
-class Gateway:
-    """Shared state of the data plane: the runtime snapshot, pools, stats, connections."""
-
-    def __init__(
-        self,
-        config: Config,
-        store: PolicyStore,
-        stats: Stats,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.loop = loop or asyncio.get_event_loop()
-        self.store = store
-        self.stats = stats
-        self.upstreams = Upstreams(config)
-        self.connections: set[DownstreamProtocol] = set()
-        self.draining = False
-        self.drained = asyncio.Event()  # set once draining and the last connection closed
-        self.date_second = 0
-        self.date = b""  # RFC 9110 6.6.1 Date for answers that have none; see refresh_date
-        self.refresh_date()
-        self.apply_config(config)
-        self.runtime: Runtime = build_runtime(store.policy, self.upstreams, stats)
-        store.subscribe(self.on_policy)
-
-    def apply_config(self, config: Config) -> None:
-        self.config = config
-        self.via = f"1.1 {config.via}".encode()  # RFC 9110 7.6.3: the received version
-        self.via10 = f"1.0 {config.via}".encode()
-        self.access_log = config.access_log
-        self.trusted = config.trusted_proxies
-        self.replace_for = config.forwarded_for == "replace"
-        self.upgrades = frozenset(p.encode() for p in config.upgrades)
-        hosts = set(LOCAL_HOSTS)
-        if config.listen.host not in ("0.0.0.0", "::", ""):
-            hosts.add(host_name(config.listen.host))
-        self.own_hosts = frozenset(hosts)
-
-    def refresh_date(self) -> None:
-        second = int(time.time())
-        if second != self.date_second:
-            self.date_second = second
-            self.date = formatdate(second, usegmt=True).encode()
-
-    def reconfigure(self, config: Config) -> None:
-        """Reload: new pools and stats first, then the store swaps the policy (on_policy)."""
-        self.apply_config(config)
-        self.upstreams.reconfigure(config)
-        self.stats.reconfigure(config)
-
-    def on_policy(self, policy: RoutingPolicy) -> None:
-        self.runtime = build_runtime(policy, self.upstreams, self.stats)
-
-    def protocol(self) -> DownstreamProtocol:
-        return DownstreamProtocol(self)
-
-    def is_foreign(self, host: str) -> bool:
-        """An absolute-form target naming a host we do not serve: never proxied."""
-        name = host_name(host)
-        if name in self.own_hosts:
-            return False
-        # A catch-all route (`*`) serves any Host it is sent, but names no host of ours.
-        return not any(
-            (r.host_exact is not None or r.host_suffix is not None)
-            and matches(name, r.host_exact, r.host_suffix)
-            for r in self.runtime.policy.routes
-        )
-
-    async def watch(self) -> None:
-        """The one timer of the data plane: client and upstream timeouts of every connection,
-        and the cached Date value."""
-        while True:
-            await asyncio.sleep(WATCH_TICK)
-            self.refresh_date()
-            now = self.loop.time()
-            for conn in list(self.connections):
-                conn.check(now)
-
-    def drain(self) -> None:
-        self.draining = True
-        for conn in list(self.connections):
-            if conn.idle():
-                conn.close()
-        if not self.connections:
-            self.drained.set()
-
-    def forget(self, conn: DownstreamProtocol) -> None:
-        self.connections.discard(conn)
-        if self.draining and not self.connections:
-            self.drained.set()
-
-    async def close(self) -> None:
-        for conn in list(self.connections):
-            conn.close()
-        await self.upstreams.close()
 
 
 class PrimedCallbacks:
@@ -726,9 +622,3 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
-
-
-def parse_trusted(
-    values: Iterable[str],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(v, strict=False) for v in values)

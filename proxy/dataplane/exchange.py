@@ -11,7 +11,6 @@ import asyncio
 import logging
 import re
 import secrets
-from dataclasses import dataclass
 from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -27,18 +26,17 @@ from proxy.core.headers import (
     upgrade_protocols,
 )
 from proxy.core.router import choose, match_route, parse_cookies
-from proxy.core.state import RoutePolicy, RoutingPolicy
-from proxy.core.stats import Stats, VersionStats
+from proxy.core.stats import VersionStats
 from proxy.dataplane.upstream import (
     EndpointPool,
     UpstreamConnection,
     UpstreamError,
-    Upstreams,
     VersionPool,
 )
 
 if TYPE_CHECKING:
-    from proxy.dataplane.downstream import DownstreamProtocol, Gateway
+    from proxy.dataplane.downstream import DownstreamProtocol
+    from proxy.dataplane.gateway import Gateway, RouteRuntime
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("graygate.access")  # per-request lines, off by default
@@ -58,76 +56,10 @@ ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 SECRET_FIELDS = frozenset(
     {b"authorization", b"cookie", b"proxy-authorization"}
 )  # reads larger than this get their head parsed apart
-REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    501: b"Not Implemented",
-    505: b"HTTP Version Not Supported",
-}
 
 
 def mint_uid() -> str:
     return secrets.token_hex(16)
-
-
-@dataclass(frozen=True, slots=True)
-class RouteRuntime:
-    """Everything the hot path needs for one route, resolved once per policy snapshot."""
-
-    policy: RoutePolicy
-    pools: dict[str, VersionPool]
-    stats: dict[str, VersionStats]
-    header_keys: frozenset[bytes]  # request headers the router reads
-    version_headers: dict[str, tuple[tuple[bytes, bytes], ...]]
-    cookie_prefix: bytes  # b"gg_uid="
-    cookie_suffix: bytes  # b"; Path=/; Max-Age=...; HttpOnly; SameSite=Lax"
-    failover: bool
-    retries: int
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    policy: RoutingPolicy
-    routes: dict[str, RouteRuntime]
-
-
-def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> Runtime:
-    routes: dict[str, RouteRuntime] = {}
-    vh = policy.config.version_header
-    for rp in policy.routes:
-        cfg = rp.config
-        keys = {f.name.encode("latin-1") for f in rp.force if f.kind == "header"}
-        prefix = suffix = b""
-        if cfg.sticky is not None:
-            keys |= {k.name.encode("latin-1") for k in cfg.sticky.keys if k.kind == "header"}
-            c = cfg.sticky.cookie
-            prefix = c.name.encode() + b"="
-            suffix = f"; Path={c.path}; Max-Age={int(c.max_age)}; HttpOnly; SameSite=Lax".encode()
-            if c.secure:
-                suffix += b"; Secure"
-        names = cfg.version_names
-        routes[rp.name] = RouteRuntime(
-            policy=rp,
-            pools=upstreams.versions[rp.name],
-            stats={v: stats.get(rp.name, v) for v in names},
-            header_keys=frozenset(keys),
-            version_headers={
-                v: (((vh.lower().encode("latin-1"), v.encode()),) if vh else ()) for v in names
-            },
-            cookie_prefix=prefix,
-            cookie_suffix=suffix,
-            failover=cfg.failover,
-            retries=cfg.retries,
-        )
-    return Runtime(policy, routes)
 
 
 class BadResponse(Exception):
@@ -441,7 +373,7 @@ class Exchange:
             return
         except TimeoutError:
             self.connecting = None
-            late = UpstreamError("timeout", 504, "no upstream connection within the deadline")
+            late = UpstreamError("timeout", "no upstream connection within the deadline")
             self.connect_failed(ep, late)
             return
         self.connecting = None
@@ -516,10 +448,10 @@ class Exchange:
             self.last_io = now
         elif now - self.last_io >= self.gw.config.timeouts.read:
             read = self.gw.config.timeouts.read
-            self.fail(UpstreamError("timeout", 504, f"upstream sent nothing for {read:g}s"))
+            self.fail(UpstreamError("timeout", f"upstream sent nothing for {read:g}s"))
             return
         if not self.head_sent and now >= self.deadline:
-            self.fail(UpstreamError("timeout", 504, "upstream did not answer within the deadline"))
+            self.fail(UpstreamError("timeout", "upstream did not answer within the deadline"))
 
     # -- upstream side: ConnectionUser + httptools callbacks ----------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -560,7 +492,7 @@ class Exchange:
             if self.status == 101 and self.upgrade:
                 self.start_tunnel(data[exc.args[0] :])
                 return False
-            self.fail(UpstreamError("protocol", 502, "unexpected protocol switch from upstream"))
+            self.fail(UpstreamError("protocol", "unexpected protocol switch from upstream"))
             return False
         except httptools.HttpParserError as exc:
             # `out` holds nothing past the end of the answer: the callbacks stop there.
@@ -571,7 +503,7 @@ class Exchange:
                 return False
             cause = exc.__context__
             detail = str(cause) if isinstance(cause, BadResponse) else str(exc)
-            self.fail(UpstreamError("protocol", 502, f"invalid response from upstream: {detail}"))
+            self.fail(UpstreamError("protocol", f"invalid response from upstream: {detail}"))
             return False
         if self.complete:
             if more:
@@ -630,9 +562,9 @@ class Exchange:
             self.succeed()
             return
         if not self.got_bytes:
-            self.fail(UpstreamError("reset", 502, "upstream closed the connection", True))
+            self.fail(UpstreamError("reset", "upstream closed the connection", True))
         else:
-            self.fail(UpstreamError("reset", 502, "upstream closed the connection mid-response"))
+            self.fail(UpstreamError("reset", "upstream closed the connection mid-response"))
 
     def upstream_pause_writing(self) -> None:
         self.down.pause_reading(self.down.PAUSE_UPSTREAM)
