@@ -90,7 +90,9 @@ async def main(n: int) -> None:
         t0 = time.perf_counter()
         for _ in range(n):
             down.data_received(REQUEST)
-            upstream = down.queue[0].conn
+            attempt = down.queue[0].attempt
+            assert attempt is not None
+            upstream = attempt.conn
             assert upstream is not None
             upstream.data_received(RESPONSE)
         dt = time.perf_counter() - t0

@@ -17,9 +17,10 @@ from typing import cast
 import httptools
 
 from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
-from proxy.core.responses import REASONS
+from proxy.core.responses import TEXT_PLAIN, LocalAnswer, status_line
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.gateway import Gateway
+from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPGRADE, PAUSE_UPSTREAM
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,10 @@ class PrimedCallbacks:
 
 
 class DownstreamProtocol(asyncio.Protocol):
-    PAUSE_PIPELINE = 1
-    PAUSE_BUFFER = 2
-    PAUSE_UPSTREAM = 4
-    PAUSE_UPGRADE = 8
+    PAUSE_PIPELINE = PAUSE_PIPELINE
+    PAUSE_BUFFER = PAUSE_BUFFER
+    PAUSE_UPSTREAM = PAUSE_UPSTREAM
+    PAUSE_UPGRADE = PAUSE_UPGRADE
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -95,7 +96,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.began = False
         self.head_bytes = 0  # request line + headers, counted in the callbacks
         self.head_raw = 0  # bytes of reads that ended inside an unfinished head
-        self.limit_error: tuple[int, str, str] | None = None
+        self.limit_error: LocalAnswer | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -159,14 +160,16 @@ class DownstreamProtocol(asyncio.Protocol):
         if isinstance(exc, httptools.HttpParserInvalidMethodError):
             # llhttp knows a fixed list of methods; RFC 9110 9.1 allows any token.
             if EXTENSION_METHOD_RE.match(data.lstrip(b"\r\n")) is not None:
-                self.reject(501, "method_not_implemented", "request method not supported")
+                self.reject(
+                    LocalAnswer(501, "method_not_implemented", "request method not supported")
+                )
             else:
-                self.reject(400, "bad_request", "malformed request line")
+                self.reject(LocalAnswer(400, "bad_request", "malformed request line"))
         elif self.limit_error is not None:
             # httptools wraps what our callbacks raise; the callback left the verdict here.
-            self.reject(*self.limit_error)
+            self.reject(self.limit_error)
         else:
-            self.reject(400, "bad_request", f"malformed request: {exc}")
+            self.reject(LocalAnswer(400, "bad_request", f"malformed request: {exc}"))
 
     def head_overflows(self, data: bytes) -> bool:
         """A head still incomplete after a whole read: count raw bytes too, so one endless
@@ -174,7 +177,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_raw += len(data)
         limit = self.gw.config.limits.max_header_bytes
         if self.head_raw > limit:
-            self.reject(431, "header_too_large", f"request head exceeds {limit} bytes")
+            self.reject(LocalAnswer(431, "header_too_large", f"request head exceeds {limit} bytes"))
             return True
         return False
 
@@ -283,14 +286,18 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_bytes += len(url)
         limit = self.gw.config.limits.max_header_bytes
         if self.head_bytes > limit:
-            self.limit_error = (414, "uri_too_long", f"request target exceeds {limit} bytes")
+            self.limit_error = LocalAnswer(
+                414, "uri_too_long", f"request target exceeds {limit} bytes"
+            )
             raise HeadTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.max_head:
             limit = self.max_head
-            self.limit_error = (431, "header_too_large", f"request head exceeds {limit} bytes")
+            self.limit_error = LocalAnswer(
+                431, "header_too_large", f"request head exceeds {limit} bytes"
+            )
             raise HeadTooLarge()
         name = name.lower()
         self.headers.append((name, value))
@@ -317,7 +324,7 @@ class DownstreamProtocol(asyncio.Protocol):
         upgrade = bool(parser.should_upgrade())
         keep_alive = bool(parser.should_keep_alive()) and not gw.draining
         body = self.te or bool(self.content_length)
-        error: tuple[int, str, str] | None = None
+        error: LocalAnswer | None = None
         target = self.url
         path = ""
         raw_host = self.host
@@ -332,19 +339,19 @@ class DownstreamProtocol(asyncio.Protocol):
             host = ""
             self.host_invalid = True
         if version not in ("1.1", "1.0"):
-            error = (505, "version", f"HTTP/{version} is not supported")
+            error = LocalAnswer(505, "version", f"HTTP/{version} is not supported")
         elif self.host_count > 1:
-            error = (400, "bad_request", "more than one Host header")
+            error = LocalAnswer(400, "bad_request", "more than one Host header")
         elif version == "1.1" and self.host is None:
-            error = (400, "bad_request", "missing Host header")
+            error = LocalAnswer(400, "bad_request", "missing Host header")
         elif self.te and version == "1.0":
-            error = (400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+            error = LocalAnswer(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
         elif self.host_invalid:
-            error = (400, "bad_request", "invalid Host header")  # RFC 9112 3.2
+            error = LocalAnswer(400, "bad_request", "invalid Host header")  # RFC 9112 3.2
         elif method == b"CONNECT":
-            error = (405, "method_not_allowed", "graygate is not a forward proxy")
+            error = LocalAnswer(405, "method_not_allowed", "graygate is not a forward proxy")
         elif b"#" in target:
-            error = (400, "bad_request", "a fragment is not part of a request target")
+            error = LocalAnswer(400, "bad_request", "a fragment is not part of a request target")
         elif target[:1] == b"/":
             q = target.find(b"?")
             path = (target if q < 0 else target[:q]).decode("latin-1")
@@ -356,11 +363,11 @@ class DownstreamProtocol(asyncio.Protocol):
             except httptools.HttpParserInvalidURLError:
                 u = None
             if u is None or u.schema not in (b"http", b"https") or not u.host:
-                error = (400, "bad_request", "invalid request target")
+                error = LocalAnswer(400, "bad_request", "invalid request target")
             else:
                 authority = u.host.decode("latin-1")
                 if gw.is_foreign(authority):
-                    error = (400, "foreign_host", "graygate is not an open proxy")
+                    error = LocalAnswer(400, "foreign_host", "graygate is not an open proxy")
                 else:
                     path = (u.path or b"/").decode("latin-1")
                     target = (u.path or b"/") + (b"?" + u.query if u.query else b"")
@@ -369,26 +376,27 @@ class DownstreamProtocol(asyncio.Protocol):
                     self.headers.append((b"host", host.encode("latin-1")))
         limit = gw.config.limits.max_body_bytes
         if error is None and limit is not None and (self.content_length or 0) > limit:
-            error = (413, "body_too_large", f"request body exceeds {limit} bytes")
+            error = LocalAnswer(413, "body_too_large", f"request body exceeds {limit} bytes")
         if error is not None:
             keep_alive = False
         if upgrade and (error is not None or not self.upgrade_allowed()):
             upgrade = False  # forwarded as a plain request: see upgrade_asked
         ex = Exchange(
-            self,
-            method,
-            target,
-            path,
-            host,
-            self.headers,
-            self.connection,
-            self.cookie.decode("latin-1"),
-            version == "1.1",
-            keep_alive,
-            body,
-            self.te,
-            upgrade,
-            error,
+            client=self,
+            gw=gw,
+            method=method,
+            target=target,
+            path=path,
+            host=host,
+            headers=self.headers,
+            connection=self.connection,
+            cookie=self.cookie.decode("latin-1"),
+            http11=version == "1.1",
+            keep_alive=keep_alive,
+            body=body,
+            chunked=self.te,
+            upgrade=upgrade,
+            error=error,
         )
         self._reset_request()
         self.incoming = ex
@@ -421,7 +429,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if limit is not None and ex.chunked:
             ex.body_seen += len(body)
             if ex.body_seen > limit:
-                self.limit_error = (413, "body_too_large", f"request body exceeds {limit} bytes")
+                self.limit_error = LocalAnswer(
+                    413, "body_too_large", f"request body exceeds {limit} bytes"
+                )
                 raise BodyTooLarge()
         ex.request_body(body)
         if self.deadline:
@@ -446,7 +456,7 @@ class DownstreamProtocol(asyncio.Protocol):
             logger.exception("exchange failed unexpectedly")
             if not ex.ended:
                 if not ex.head_sent:
-                    self.respond_local(ex, 502, "internal", "internal error in graygate")
+                    ex.respond_local(LocalAnswer(502, "internal", "internal error in graygate"))
                 else:
                     self.abort()
                 ex.client_lost()
@@ -474,38 +484,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         self.arm(self.gw.config.timeouts.keepalive)
 
-    def respond_local(self, ex: Exchange, status: int, code: str, message: str) -> None:
-        """An error graygate makes itself: short text body, X-Graygate-Error says why."""
-        body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
-        headers: Headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"x-graygate-error", code.encode()),
-        ]
-        if status == 503:
-            headers.append((b"retry-after", b"1"))
-        self.respond(ex, status, headers, body)
-
-    def respond(self, ex: Exchange, status: int, headers: Headers, body: bytes) -> None:
-        """Any response graygate answers itself (errors, Max-Forwards: 0)."""
-        if self.closed:
-            return
-        headers.append((b"content-length", str(len(body)).encode()))
-        headers.append((b"date", self.gw.date))
-        headers.extend(ex.extra)
-        if not ex.body_done or self.gw.draining:
-            ex.keep_alive = False
-        if not ex.keep_alive:
-            headers.append((b"connection", b"close"))
-        elif not ex.http11:
-            headers.append((b"connection", b"keep-alive"))
-        reason = REASONS.get(status, b"OK" if status == 200 else b"Error")
-        head = serialize(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
-        if ex.method == b"HEAD":
-            self.send(head)
-        else:
-            self.send_all((head, body))
-
-    def reject(self, status: int, code: str, message: str) -> None:
+    def reject(self, answer: LocalAnswer) -> None:
         """The stream itself is malformed: answer in order if we can, then close."""
         self.stopped = True
         self.in_head = False
@@ -516,15 +495,15 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex is not None and ex.head_sent:
             self.abort()
             return
-        answer = not self.queue or self.queue[0] is ex
-        if answer and self.transport is not None and not self.closed:
-            body = f"{status} {REASONS.get(status, b'').decode()}: {message}\n".encode()
+        now = not self.queue or self.queue[0] is ex
+        if now and self.transport is not None and not self.closed:
+            body = answer.body()
             head = serialize(
-                b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+                status_line(answer.status),
                 [
-                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-type", TEXT_PLAIN),
                     (b"content-length", str(len(body)).encode()),
-                    (b"x-graygate-error", code.encode()),
+                    (b"x-graygate-error", answer.code.encode()),
                     (b"date", self.gw.date),
                     (b"connection", b"close"),
                 ],
@@ -533,8 +512,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex is not None:
             # Its head was fine but its body framing is not: the upstream must not answer
             # half a request. Ended after our answer went out, so nothing else is written.
-            ex.client_lost(status)
-        if answer:
+            ex.client_lost(answer.status)
+        if now:
             self.close()
         else:
             # Earlier requests are still to be answered; finished() closes after them.
@@ -601,7 +580,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.queue[0] is self.incoming and not self.incoming.head_sent
         )
         if reading and unanswered:
-            self.reject(408, "client_timeout", "request not received in time")
+            self.reject(LocalAnswer(408, "client_timeout", "request not received in time"))
             return
         self.close()
 
