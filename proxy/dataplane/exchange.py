@@ -95,7 +95,6 @@ class Exchange:
 
     def __init__(
         self,
-        *,
         client: Client,
         gw: Gateway,
         method: bytes,
@@ -361,7 +360,10 @@ class Exchange:
         self.drop_endpoint()
         a = self.attempt
         if a is not None:
-            a.parser = None  # the parser holds the attempt's bound callbacks: no cycle
+            # The parser holds the attempt's bound callbacks, the attempt holds us: break
+            # both cycles now rather than leave them to the garbage collector.
+            a.parser = None
+            self.attempt = None
         self.pending = []
         self.leave_version(status, perf_counter() - self.started)
         if self.gw.access_log:
