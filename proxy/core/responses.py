@@ -4,7 +4,10 @@ writes them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from proxy.core.headers import Headers, serialize
 
 REASONS = {
     400: b"Bad Request",
@@ -21,6 +24,8 @@ REASONS = {
     505: b"HTTP Version Not Supported",
 }
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
+SECRET_FIELDS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +45,55 @@ def status_line(status: int) -> bytes:
         status,
         REASONS.get(status, b"OK" if status == 200 else b"Error"),
     )
+
+
+def answer_fields(answer: LocalAnswer) -> Headers:
+    fields: Headers = [(b"content-type", TEXT_PLAIN), (b"x-graygate-error", answer.code.encode())]
+    if answer.status == 503:
+        fields.append((b"retry-after", b"1"))
+    return fields
+
+
+def own_response(
+    status: int,
+    headers: Headers,
+    body: bytes,
+    date: bytes,
+    extra: Iterable[tuple[bytes, bytes]],
+    keep_alive: bool,
+    http11: bool,
+    head_only: bool,
+) -> tuple[bytes, ...]:
+    """Head (and body, but not to a HEAD) of an answer graygate makes itself."""
+    headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"date", date))
+    headers.extend(extra)
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    elif not http11:
+        headers.append((b"connection", b"keep-alive"))
+    head = serialize(status_line(status), headers)
+    return (head,) if head_only else (head, body)
+
+
+def max_forwards(method: bytes, target: bytes, headers: Headers) -> tuple[Headers, bytes] | None:
+    """RFC 9110 7.6.2: OPTIONS or TRACE with `Max-Forwards: 0` is answered by us: the
+    answer's fields and body. Any other value is decremented in `headers`; None then."""
+    for i, (name, value) in enumerate(headers):
+        if name != b"max-forwards":
+            continue
+        try:
+            hops = int(value)
+        except ValueError:
+            return None  # not a number: forwarded untouched, as an unknown field
+        if hops > 0:
+            headers[i] = (name, str(hops - 1).encode())
+            return None
+        if method == b"OPTIONS":
+            return [(b"allow", ALLOW)], b""
+        # The request as received, minus credentials (no cross-site tracing).
+        echo = [(n, v) for n, v in headers if n not in SECRET_FIELDS]
+        body = method + b" " + target + b" HTTP/1.1\r\n"
+        body += b"".join(n + b": " + v + b"\r\n" for n, v in echo) + b"\r\n"
+        return [(b"content-type", b"message/http")], body
+    return None

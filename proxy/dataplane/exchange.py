@@ -12,8 +12,8 @@ from random import random
 from time import perf_counter
 from typing import Protocol
 
-from proxy.core.headers import XFF, Headers, client_address, request_head, serialize
-from proxy.core.responses import TEXT_PLAIN, LocalAnswer, status_line
+from proxy.core.headers import XFF, Headers, client_address, request_head
+from proxy.core.responses import LocalAnswer, answer_fields, max_forwards, own_response
 from proxy.core.router import choose, match_route, parse_cookies
 from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
@@ -29,8 +29,6 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 EMPTY: dict[str, str] = {}
 BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
-ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
-SECRET_FIELDS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
 class Client(Sink, Protocol):
@@ -190,8 +188,12 @@ class Exchange:
             self.respond_local(self.error)
             self.end(self.error.status)
             return
-        if self.method in MAX_FORWARDS_METHODS and self.max_forwards():
-            return
+        if self.method in MAX_FORWARDS_METHODS:
+            forwards = max_forwards(self.method, self.target, self.headers)
+            if forwards is not None:
+                self.respond(200, *forwards)
+                self.end(200)
+                return
         gw = self.gw
         self.started = perf_counter()
         rt = gw.runtime
@@ -396,59 +398,26 @@ class Exchange:
     # -- graygate's own answers ------------------------------------------------------------
     def respond_local(self, answer: LocalAnswer) -> None:
         """An error graygate makes itself: short text body, X-Graygate-Error says why."""
-        headers: Headers = [
-            (b"content-type", TEXT_PLAIN),
-            (b"x-graygate-error", answer.code.encode()),
-        ]
-        if answer.status == 503:
-            headers.append((b"retry-after", b"1"))
-        self.respond(answer.status, headers, answer.body())
+        self.respond(answer.status, answer_fields(answer), answer.body())
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """Any response graygate answers itself (errors, Max-Forwards: 0)."""
-        client = self.client
-        if client.closed:
+        if self.client.closed:
             return
-        headers.append((b"content-length", str(len(body)).encode()))
-        headers.append((b"date", self.gw.date))
-        headers.extend(self.extra)
         if not self.body_done or self.gw.draining:
             self.keep_alive = False
-        if not self.keep_alive:
-            headers.append((b"connection", b"close"))
-        elif not self.http11:
-            headers.append((b"connection", b"keep-alive"))
-        head = serialize(status_line(status), headers)
-        if self.method == b"HEAD":
-            client.send(head)
-        else:
-            client.send_all((head, body))
-
-    def max_forwards(self) -> bool:
-        """RFC 9110 7.6.2: OPTIONS and TRACE with `Max-Forwards: 0` are answered here,
-        any other value is decremented. True when answered."""
-        headers = self.headers
-        for i, (name, value) in enumerate(headers):
-            if name != b"max-forwards":
-                continue
-            try:
-                hops = int(value)
-            except ValueError:
-                return False  # not a number: forwarded untouched, as an unknown field
-            if hops > 0:
-                headers[i] = (name, str(hops - 1).encode())
-                return False
-            if self.method == b"OPTIONS":
-                self.respond(200, [(b"allow", ALLOW)], b"")
-            else:
-                # The request as received, minus credentials (no cross-site tracing).
-                echo = [(n, v) for n, v in headers if n not in SECRET_FIELDS]
-                body = self.method + b" " + self.target + b" HTTP/1.1\r\n"
-                body += b"".join(n + b": " + v + b"\r\n" for n, v in echo) + b"\r\n"
-                self.respond(200, [(b"content-type", b"message/http")], body)
-            self.end(200)
-            return True
-        return False
+        self.client.send_all(
+            own_response(
+                status,
+                headers,
+                body,
+                self.gw.date,
+                self.extra,
+                self.keep_alive,
+                self.http11,
+                self.method == b"HEAD",
+            )
+        )
 
 
 def log_access(ex: Exchange, status: int) -> None:
