@@ -20,13 +20,12 @@ from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
 from proxy.core.responses import TEXT_PLAIN, LocalAnswer, status_line
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.gateway import Gateway
+from proxy.dataplane.request import HOST_RE, judge
 from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPGRADE, PAUSE_UPSTREAM
 
 logger = logging.getLogger(__name__)
 
 MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
-# uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
-HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 # A well-formed request line whose method llhttp does not know: 501, not 400.
 EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
 NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
@@ -324,9 +323,7 @@ class DownstreamProtocol(asyncio.Protocol):
         upgrade = bool(parser.should_upgrade())
         keep_alive = bool(parser.should_keep_alive()) and not gw.draining
         body = self.te or bool(self.content_length)
-        error: LocalAnswer | None = None
         target = self.url
-        path = ""
         raw_host = self.host
         if raw_host is None:
             host = ""
@@ -338,45 +335,19 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             host = ""
             self.host_invalid = True
-        if version not in ("1.1", "1.0"):
-            error = LocalAnswer(505, "version", f"HTTP/{version} is not supported")
-        elif self.host_count > 1:
-            error = LocalAnswer(400, "bad_request", "more than one Host header")
-        elif version == "1.1" and self.host is None:
-            error = LocalAnswer(400, "bad_request", "missing Host header")
-        elif self.te and version == "1.0":
-            error = LocalAnswer(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-        elif self.host_invalid:
-            error = LocalAnswer(400, "bad_request", "invalid Host header")  # RFC 9112 3.2
-        elif method == b"CONNECT":
-            error = LocalAnswer(405, "method_not_allowed", "graygate is not a forward proxy")
-        elif b"#" in target:
-            error = LocalAnswer(400, "bad_request", "a fragment is not part of a request target")
-        elif target[:1] == b"/":
-            q = target.find(b"?")
-            path = (target if q < 0 else target[:q]).decode("latin-1")
-        elif target == b"*" and method == b"OPTIONS":
-            path = "/"
-        else:
-            try:
-                u = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                u = None
-            if u is None or u.schema not in (b"http", b"https") or not u.host:
-                error = LocalAnswer(400, "bad_request", "invalid request target")
-            else:
-                authority = u.host.decode("latin-1")
-                if gw.is_foreign(authority):
-                    error = LocalAnswer(400, "foreign_host", "graygate is not an open proxy")
-                else:
-                    path = (u.path or b"/").decode("latin-1")
-                    target = (u.path or b"/") + (b"?" + u.query if u.query else b"")
-                    host = authority if u.port is None else f"{authority}:{u.port}"
-                    self.headers = [(n, v) for n, v in self.headers if n != b"host"]
-                    self.headers.append((b"host", host.encode("latin-1")))
-        limit = gw.config.limits.max_body_bytes
-        if error is None and limit is not None and (self.content_length or 0) > limit:
-            error = LocalAnswer(413, "body_too_large", f"request body exceeds {limit} bytes")
+        error, path, target, host, self.headers = judge(
+            gw,
+            version,
+            method,
+            target,
+            host,
+            self.headers,
+            self.host_count,
+            self.host is None,
+            self.host_invalid,
+            self.te,
+            self.content_length,
+        )
         if error is not None:
             keep_alive = False
         if upgrade and (error is not None or not self.upgrade_allowed()):
