@@ -1,7 +1,6 @@
 """The client-facing side: one asyncio Protocol per connection parsing requests with
 httptools, answering them in order (pipelining), keep-alive, client timeouts, 4xx for
-malformed input, and the Gateway that owns every connection and the policy runtime.
-Data plane: no aiohttp; the forwarding itself lives in exchange.py.
+malformed input. It serves exchange.Client; the exchange does the rest. No aiohttp.
 """
 
 from __future__ import annotations
