@@ -16,7 +16,8 @@ from typing import Any
 from proxy.core.config import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import DownstreamProtocol, Gateway
+from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = (
@@ -90,7 +91,9 @@ async def main(n: int) -> None:
         t0 = time.perf_counter()
         for _ in range(n):
             down.data_received(REQUEST)
-            upstream = down.queue[0].conn
+            attempt = down.queue[0].attempt
+            assert attempt is not None
+            upstream = attempt.conn
             assert upstream is not None
             upstream.data_received(RESPONSE)
         dt = time.perf_counter() - t0

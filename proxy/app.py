@@ -16,6 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +38,8 @@ from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config import Config, ConfigError, load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import Gateway
+from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.tls import reload_context, server_context
 
 logger = logging.getLogger(__name__)
@@ -195,7 +197,7 @@ class App:
             tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         try:
             self.server = await loop.create_server(
-                self.gateway.protocol,
+                partial(DownstreamProtocol, self.gateway),
                 listen.host or None,
                 listen.port,
                 backlog=4096,
@@ -383,9 +385,6 @@ def _bound(server: asyncio.Server) -> str:
 
 async def serve(config_path: str, reset_state: bool = False) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config file."""
-    level = logging.WARNING if BUILD.stale else logging.INFO
-    note = f"; {BUILD.note}" if BUILD.note else ""
-    logger.log(level, "graygate %s (%s)%s", __version__, BUILD.describe(), note)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -403,6 +402,10 @@ async def serve(config_path: str, reset_state: bool = False) -> int:
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         return 2
+    # Once started: a start-up failure stays one line.
+    level = logging.WARNING if BUILD.stale else logging.INFO
+    note = f"; {BUILD.note}" if BUILD.note else ""
+    logger.log(level, "graygate %s (%s)%s", __version__, BUILD.describe(), note)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:

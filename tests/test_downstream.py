@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from conftest import read_framed_body, route_config
 
-from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol, Gateway
+from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 
 FAST = {
     "connect": "500ms",

@@ -19,17 +19,28 @@ from proxy.core.config import Config, Endpoint, HealthCheckConfig, Limits, Outli
 logger = logging.getLogger(__name__)
 
 ErrorKind = Literal["connect", "timeout", "reset", "protocol", "unavailable"]
+# The one place a failure kind becomes the status of graygate's answer.
+STATUS: dict[ErrorKind, int] = {
+    "connect": 502,  # refused, unreachable
+    "reset": 502,  # closed before or during the response
+    "protocol": 502,  # a response that must not be relayed
+    "unavailable": 503,  # the pool is full: try again soon (Retry-After)
+    "timeout": 504,  # no connection, no answer or no bytes in time
+}
 
 
 class UpstreamError(Exception):
-    """An upstream failure, mapped to a 502/503/504 in exactly one place (exchange.py)."""
+    """An upstream failure: what kind (its status comes from STATUS) and why."""
 
-    def __init__(self, kind: ErrorKind, status: int, detail: str, retryable: bool = False):
+    def __init__(self, kind: ErrorKind, detail: str, retryable: bool = False):
         super().__init__(detail)
         self.kind = kind
-        self.status = status
         self.detail = detail
         self.retryable = retryable  # nothing of the request reached the upstream
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.kind]
 
 
 class ConnectionUser(Protocol):
@@ -140,7 +151,7 @@ class EndpointPool:
             if self.open < self.limits.max_connections_per_endpoint:
                 break
             if len(self.waiters) >= self.limits.max_pending:
-                raise UpstreamError("unavailable", 503, "upstream connection pool is full")
+                raise UpstreamError("unavailable", "upstream connection pool is full")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
             try:
@@ -162,10 +173,10 @@ class EndpointPool:
                 )
         except TimeoutError as exc:
             self._slot_freed()
-            raise UpstreamError("timeout", 504, f"connect to {ep.url} timed out", True) from exc
+            raise UpstreamError("timeout", f"connect to {ep.url} timed out", True) from exc
         except OSError as exc:
             self._slot_freed()
-            raise UpstreamError("connect", 502, f"connect to {ep.url} failed: {exc}", True) from exc
+            raise UpstreamError("connect", f"connect to {ep.url} failed: {exc}", True) from exc
         except BaseException:
             self._slot_freed()
             raise

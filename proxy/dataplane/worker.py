@@ -19,6 +19,7 @@ import ssl
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from typing import Any
 
 import uvloop
@@ -40,7 +41,8 @@ from proxy.dataplane.channel import (
     Ready,
     Serve,
 )
-from proxy.dataplane.downstream import Gateway
+from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.tls import reload_context, server_context
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class Worker:
         # Bound now, accepting only on Serve: the supervisor sends Serve after every
         # Policy it sent so far, so no request is ever answered with an older one.
         self.server = await self.loop.create_server(
-            self.gateway.protocol,
+            partial(DownstreamProtocol, self.gateway),
             config.listen.host or None,
             hello.port,
             backlog=4096,
