@@ -23,9 +23,11 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.build import BUILD
-from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.admin import make_admin_app
+from proxy.control.api import AdminContext
 from proxy.control.children import SupervisorError
 from proxy.control.controller import Controller
+from proxy.control.guard import check_admin_exposure
 from proxy.control.metrics import NotificationCollector, ReplicaRow, make_registry
 from proxy.control.notify import Notifier
 from proxy.control.source import Sources

@@ -9,7 +9,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import raw_request, route_config
 from openapi_check import ResponseChecker
 
-from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_app
+from proxy.control.admin import make_admin_app
+from proxy.control.api import AdminContext
+from proxy.control.guard import check_admin_exposure
 from proxy.control.metrics import make_registry
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore
@@ -807,6 +809,6 @@ async def test_allowed_hosts_through_the_real_app(upstreams, gateway):
     ],
 )
 def test_host_names_listener(host, local, allowed, ok):
-    from proxy.control.admin import host_allowed
+    from proxy.control.guard import host_allowed
 
     assert host_allowed(host, local, "0.0.0.0", allowed) is ok

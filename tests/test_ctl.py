@@ -7,7 +7,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.control import ctl
-from proxy.control.admin import AdminContext, make_admin_app
+from proxy.control.admin import make_admin_app
+from proxy.control.api import AdminContext
 from proxy.control.store.events import EventLog
 from proxy.core.config import parse_config
 from proxy.core.state import PolicyStore

@@ -22,7 +22,7 @@ from conftest import RunningGateway, free_port, route_config, start_gateway, sto
 from conftest import version_app as make_version_app
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from proxy.control.admin import SERIES
+from proxy.control.api import SERIES
 from proxy.control.controller import _Mark
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -21,7 +21,9 @@ from aiohttp import web
 from conftest import ROOT, route_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.control.admin import AdminContext, host_allowed, make_admin_app
+from proxy.control.admin import make_admin_app
+from proxy.control.api import AdminContext
+from proxy.control.guard import host_allowed
 from proxy.control.store.events import EventLog
 from proxy.core.config import Config, parse_config, parse_duration
 from proxy.core.state import PolicyStore

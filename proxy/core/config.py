@@ -234,7 +234,7 @@ class AdminConfig:
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 9901))
     token: str | None = None  # from `token:` (after ${ENV} expansion) or `token_file:`
     # Host names (lowercase, IPv6 in brackets, no port) the admin answers besides loopback
-    # and its listen address; "*" answers any Host. See admin.host_allowed.
+    # and its listen address; "*" answers any Host. See control/guard.host_allowed.
     allowed_hosts: tuple[str, ...] = ()
 
 

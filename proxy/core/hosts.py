@@ -1,9 +1,13 @@
-"""Host names: the normal form of a Host value or a route's host pattern, and whether a
-name matches a compiled pattern. The one home of both rules, used by the policy compiler,
-the router and the data plane's foreign-host check. Pure: standard library only.
+"""Host names: the normal form of a Host value or a route's host pattern, whether a name
+matches a compiled pattern, and the strict form the admin guard compares. The one home of
+these rules, used by the policy compiler, the router, the data plane's foreign-host check
+and control/guard.py. Pure: standard library only.
 """
 
 from __future__ import annotations
+
+import contextlib
+import ipaddress
 
 
 def host_name(host: str) -> str:
@@ -22,6 +26,39 @@ def host_name(host: str) -> str:
     if host.endswith("."):
         host = host.rstrip(".")
     return host.lower()
+
+
+def strict_host_name(value: str) -> str | None:
+    """The name part of a Host value as the admin guard compares it; None when malformed.
+
+    Stricter than host_name, which routes every request and never refuses one: a port must
+    be digits, a name has no `:[]/@` or space, and addresses take one canonical form, IPv4
+    compressed, IPv6 compressed in brackets, IPv4-mapped IPv6 as its IPv4 address:
+    `[0:0::1]:9901` -> `[::1]`, `[::ffff:127.0.0.1]` -> `127.0.0.1`, `a:b` -> None.
+    """
+    text = value.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        port = text[end + 1 :]
+        if end < 0 or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        try:
+            ip6 = ipaddress.IPv6Address(text[1:end])
+        except ValueError:
+            return None
+        v4 = ip6.ipv4_mapped
+        return v4.compressed if v4 is not None else f"[{ip6.compressed}]"
+    name, sep, port = text.rpartition(":")
+    if not sep:
+        name = text
+    elif not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    if not name or any(c in name for c in ":[]/@ "):
+        return None
+    with contextlib.suppress(ValueError):  # a name, not an address: compared as it is
+        return ipaddress.IPv4Address(name).compressed
+    return name
 
 
 def compile_pattern(pattern: str) -> tuple[str | None, str | None]:
