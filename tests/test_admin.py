@@ -13,7 +13,7 @@ from proxy.control.admin import AdminContext, check_admin_exposure, make_admin_a
 from proxy.control.metrics import make_registry
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore
-from proxy.core.config import load_config
+from proxy.core.config.load import load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestServer
 from proxy.control import ctl
 from proxy.control.admin import AdminContext, make_admin_app
 from proxy.control.store.events import EventLog
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 

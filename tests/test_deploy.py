@@ -23,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.control.admin import AdminContext, host_allowed, make_admin_app
 from proxy.control.store.events import EventLog
-from proxy.core.config import Config, parse_config, parse_duration
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import Config
+from proxy.core.config.values import parse_duration
 from proxy.core.state import PolicyStore
 
 DEPLOY = ROOT / "deploy"

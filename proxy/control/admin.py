@@ -27,7 +27,9 @@ from proxy.control.series import Series, bucket_p99
 from proxy.control.store.events import EventLog, json_safe
 from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.core import rollout
-from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
+from proxy.core.config.model import ConfigError, RouteConfig, Step
+from proxy.core.config.rollout import parse_steps
+from proxy.core.config.routes import parse_weights
 from proxy.core.state import PolicyError, PolicyStore, RolloutStatus, RouteState, rollout_to_json
 from proxy.core.stats import Stats, is_error
 

@@ -19,7 +19,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from proxy.core.config import Config
+from proxy.core.config.model import Config
 from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
 from proxy.core.hosts import host_name, matches
 from proxy.core.state import PolicyStore, RoutingPolicy
