@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import DownstreamProtocol

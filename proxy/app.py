@@ -37,7 +37,8 @@ from proxy.control.store.redis import RedisStateError, RedisStateStore
 from proxy.control.store.sync import RedisSync
 from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWriter
 from proxy.control.supervisor import Supervisor, read_your_writes
-from proxy.core.config import Config, ConfigError, load_config
+from proxy.core.config.load import load_config
+from proxy.core.config.model import Config, ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import DownstreamProtocol

@@ -19,13 +19,15 @@ from proxy import __version__
 from proxy.build import BUILD
 from proxy.control import ctl
 from proxy.control.logs import LOG_FORMATS, configure
-from proxy.core.config import ConfigError, describe, load_config
+from proxy.core.config.describe import describe
+from proxy.core.config.load import load_config
+from proxy.core.config.model import ConfigError
 from proxy.dataplane.tls import server_context
 
 logger = logging.getLogger("proxy")
 
 DEMO_CONFIG = "config/demo.yaml"
-CONFIG_SCHEMA = Path(__file__).parent / "core" / "config.schema.json"
+CONFIG_SCHEMA = Path(__file__).parent / "core" / "config" / "schema.json"
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import App
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # The data plane serves on uvloop in production: its tests run on uvloop too, as well as

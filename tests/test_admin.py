@@ -15,7 +15,7 @@ from proxy.control.guard import check_admin_exposure
 from proxy.control.metrics import make_registry
 from proxy.control.store.events import EventLog
 from proxy.control.store.file import FileStateStore
-from proxy.core.config import load_config
+from proxy.core.config.load import load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 

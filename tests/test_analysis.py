@@ -24,7 +24,7 @@ from proxy.core.analysis import (
     verdict,
     wilson_lower,
 )
-from proxy.core.config import AnalysisConfig
+from proxy.core.config.model import AnalysisConfig
 from proxy.core.stats import BUCKETS
 
 ERRORS_ONLY = AnalysisConfig(

@@ -90,7 +90,8 @@ def test_tls_scenario_configs_are_valid(tmp_path: Path) -> None:
     import yaml
 
     from benchmarks.procs import NGINX_TLS, PROXY_SERVER, GraygateConfig, graygate_yaml
-    from proxy.core.config import TlsConfig, parse_config
+    from proxy.core.config.load import parse_config
+    from proxy.core.config.model import TlsConfig
 
     files = (tmp_path / "c.pem", tmp_path / "k.pem")
     cfg = GraygateConfig(8443, 9901, "http://127.0.0.1:1", "http://127.0.0.1:2", tls=files)

@@ -52,7 +52,10 @@ def test_the_expected_build_runs() -> None:
 
 def test_interpreted_modules_stay_interpreted() -> None:
     # config and state validate with our own errors, which compiled code would not raise.
-    assert not loaded_compiled("proxy.core.config")
+    config = sorted((ROOT / "proxy" / "core" / "config").glob("*.py"))
+    assert config, "proxy/core/config/ has no module"
+    for path in config:
+        assert not loaded_compiled(f"proxy.core.config.{path.stem}"), path.name
     assert not loaded_compiled("proxy.core.state")
 
 

@@ -16,7 +16,8 @@ from proxy.control.store.events import EventLog
 from proxy.control.store.writer import LeaseLost, LocalWriter, StateUnavailable
 from proxy.core import rollout
 from proxy.core.analysis import Sample
-from proxy.core.config import PauseStep, RouteConfig, SourceName, WeightStep, parse_config
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import PauseStep, RouteConfig, SourceName, WeightStep
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 

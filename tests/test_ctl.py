@@ -10,7 +10,7 @@ from proxy.control import ctl
 from proxy.control.admin import make_admin_app
 from proxy.control.api import AdminContext
 from proxy.control.store.events import EventLog
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 

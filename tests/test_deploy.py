@@ -25,7 +25,9 @@ from proxy.control.admin import make_admin_app
 from proxy.control.api import AdminContext
 from proxy.control.guard import host_allowed
 from proxy.control.store.events import EventLog
-from proxy.core.config import Config, parse_config, parse_duration
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import Config
+from proxy.core.config.values import parse_duration
 from proxy.core.state import PolicyStore
 
 DEPLOY = ROOT / "deploy"

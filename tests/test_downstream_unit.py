@@ -9,7 +9,7 @@ from typing import Any
 
 from fakes import FakeTransport
 
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol

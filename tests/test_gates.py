@@ -20,7 +20,8 @@ from aiohttp import web
 
 from proxy.control.ctl import _rollout as rollout_text
 from proxy.core.analysis import Judgement
-from proxy.core.config import (
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import (
     ConfigError,
     GateConfig,
     GatesConfig,
@@ -29,7 +30,6 @@ from proxy.core.config import (
     RouteConfig,
     VersionConfig,
     WeightStep,
-    parse_config,
 )
 from proxy.core.rollout import decide, gate_for, hold_at_gate, pause, start
 from proxy.core.state import RouteState, rollout_from_json, rollout_to_json

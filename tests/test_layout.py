@@ -36,7 +36,6 @@ MAX_CLASS_LINES = 300
 # Modules over a limit today, each with why; the list may only shrink (issue 9). Nothing in
 # dataplane/ is on it once its split is done.
 OVERSIZED = {
-    "proxy.core.config": "1,300 lines: becomes a package (issue 9 item 4, another engineer)",
     "proxy.control.supervisor": "class Supervisor 336 lines: split with the worker restarts",
     "proxy.app": "class App 316 lines: TLS, webhooks, sources and workers wired in one class",
     # Not done yet in issue 9 item 2 (time box): the request-head reader leaves the class.

@@ -12,7 +12,7 @@ from proxy.control.metrics import (
     make_registry,
     render,
 )
-from proxy.core.config import Config, Endpoint, Match, RouteConfig, VersionConfig
+from proxy.core.config.model import Config, Endpoint, Match, RouteConfig, VersionConfig
 from proxy.core.state import ROLLOUT_PHASES, RolloutStatus, RouteState
 from proxy.core.stats import BUCKETS, UPSTREAM_ERROR_KINDS, VERDICTS, Stats
 

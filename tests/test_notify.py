@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry
 from proxy.control.metrics import NotificationCollector
 from proxy.control.notify import Notifier, payload, safe_host
 from proxy.control.store.events import EventLog
-from proxy.core.config import ConfigError, NotificationConfig, describe, parse_config
+from proxy.core.config.describe import describe
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import ConfigError, NotificationConfig
 from tests.conftest import free_port, route_config
 
 TOKEN = "s3cret-admin-token"

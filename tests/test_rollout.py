@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from proxy.core.analysis import Judgement, Sample, verdict
-from proxy.core.config import (
+from proxy.core.config.model import (
     AnalysisConfig,
     Match,
     PauseStep,

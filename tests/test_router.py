@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.config import (
+from proxy.core.config.model import (
     CohortSource,
     Config,
     CookieConfig,

@@ -12,7 +12,7 @@ from test_admin import Harness, route, serve
 
 from proxy.control.api import SERIES
 from proxy.control.series import Series, bucket_p99
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.stats import BUCKETS, Stats
 
 

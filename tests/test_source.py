@@ -15,7 +15,7 @@ from aiohttp import web
 from conftest import free_port
 
 from proxy.control.source import LocalSource, PrometheusSource, SourceError, Sources, _per_bucket
-from proxy.core.config import parse_config
+from proxy.core.config.load import parse_config
 from proxy.core.stats import Stats
 
 START, END = 1000.0, 1003.0

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.core.config import (
+from proxy.core.config.model import (
     CohortSource,
     Config,
     Endpoint,

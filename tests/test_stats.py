@@ -4,7 +4,7 @@ from bisect import bisect_left
 
 import pytest
 
-from proxy.core.config import (
+from proxy.core.config.model import (
     AnalysisConfig,
     Config,
     Endpoint,

@@ -5,7 +5,8 @@ import pytest
 
 from proxy.control.store.events import Event, EventLog
 from proxy.control.store.file import EVENTS_ON_DISK, FileStateStore, StateFileError, merge_states
-from proxy.core.config import PauseStep, WeightStep, parse_config
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import PauseStep, WeightStep
 from proxy.core.state import RolloutStatus, RouteState
 
 

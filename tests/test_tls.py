@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from proxy import cli
-from proxy.core.config import ConfigError, TlsConfig, parse_config
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import ConfigError, TlsConfig
 from proxy.dataplane.tls import reload_context, server_context
 from tests.conftest import ROOT, free_port, read_framed_body, route_config, wait_port
 
@@ -133,7 +134,7 @@ def test_listen_refusals_name_the_key(listen: object, path: str, words: str):
 def test_schema_accepts_the_tls_form():
     import jsonschema
 
-    schema = json.loads((ROOT / "proxy" / "core" / "config.schema.json").read_text())
+    schema = json.loads((ROOT / "proxy" / "core" / "config" / "schema.json").read_text())
     tls = {"cert": "c.pem", "key": "k.pem", "min_version": "TLSv1.3"}
     jsonschema.validate(config_with({"address": "0.0.0.0:8443", "tls": tls}), schema)
     with pytest.raises(jsonschema.ValidationError):

@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
-from proxy.core.config import Endpoint, Limits, OutlierConfig, parse_config
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import Endpoint, Limits, OutlierConfig
 from proxy.dataplane.upstream import (
     EndpointPool,
     UpstreamConnection,

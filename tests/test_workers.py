@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.control.supervisor import read_your_writes
 from proxy.core import figures
-from proxy.core.config import ConfigError, parse_config
+from proxy.core.config.load import parse_config
+from proxy.core.config.model import ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import HEADER, Ack, Channel, Figures, Policy, frame
@@ -61,7 +62,7 @@ def test_workers_refusals(value: object, fragment: str) -> None:
 
 
 def test_schema_takes_auto_and_integers() -> None:
-    schema = json.loads((ROOT / "proxy" / "core" / "config.schema.json").read_text())
+    schema = json.loads((ROOT / "proxy" / "core" / "config" / "schema.json").read_text())
     workers = schema["properties"]["workers"]
     for good in ("auto", 1, 256):
         jsonschema.validate(good, workers)

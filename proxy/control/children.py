@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from proxy.core.config import Address
+from proxy.core.config.model import Address
 from proxy.core.figures import Pair
 from proxy.dataplane.channel import Channel, EndpointRow, Message, Ready
 

@@ -18,7 +18,7 @@ from proxy.control.source import MetricsSource, SourceError, Window
 from proxy.control.store.events import EventLog
 from proxy.control.store.writer import LeaseLost, StateUnavailable, StateWriter
 from proxy.core.analysis import Figure, Judgement, verdict
-from proxy.core.config import RouteConfig, WeightStep
+from proxy.core.config.model import RouteConfig, WeightStep
 from proxy.core.rollout import Decision, decide, gate_for, hold_at_gate
 from proxy.core.state import PolicyError, PolicyStore, RouteState
 from proxy.core.stats import Stats

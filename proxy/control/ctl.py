@@ -16,7 +16,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from proxy.core.config import ConfigError, parse_steps
+from proxy.core.config.model import ConfigError
+from proxy.core.config.rollout import parse_steps
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TIMEOUT = 5.0

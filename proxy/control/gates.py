@@ -16,7 +16,7 @@ import aiohttp
 from proxy.control.notify import USER_AGENT, post_json
 from proxy.control.store.events import json_safe
 from proxy.core.analysis import Judgement
-from proxy.core.config import GateName, RouteConfig
+from proxy.core.config.model import GateName, RouteConfig
 from proxy.core.rollout import Decision
 from proxy.core.state import RouteState, rollout_to_json
 

@@ -17,7 +17,9 @@ from proxy.control.api import CTX, SERIES, AdminContext, ApiError, etag, json_re
 from proxy.control.series import bucket_p99
 from proxy.control.store.writer import LocalWriter, StateUnavailable
 from proxy.core import rollout
-from proxy.core.config import ConfigError, RouteConfig, Step, parse_steps, parse_weights
+from proxy.core.config.model import ConfigError, RouteConfig, Step
+from proxy.core.config.rollout import parse_steps
+from proxy.core.config.routes import parse_weights
 from proxy.core.state import PolicyError, RolloutStatus, RouteState, rollout_to_json
 from proxy.core.stats import is_error
 

@@ -19,7 +19,7 @@ import aiohttp
 
 from proxy import __version__
 from proxy.control.store.events import Event, json_safe
-from proxy.core.config import NotificationConfig
+from proxy.core.config.model import NotificationConfig
 
 logger = logging.getLogger(__name__)
 

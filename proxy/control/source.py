@@ -18,7 +18,7 @@ import aiohttp
 
 from proxy.control.metrics import DURATION, REQUESTS
 from proxy.core.analysis import Histogram, Sample
-from proxy.core.config import PrometheusConfig, RouteConfig, SourceName
+from proxy.core.config.model import PrometheusConfig, RouteConfig, SourceName
 from proxy.core.stats import Stats
 
 

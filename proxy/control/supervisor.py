@@ -22,7 +22,7 @@ from proxy.control import children
 from proxy.control.children import SupervisorError, WorkerProcess
 from proxy.control.store.events import EventLog
 from proxy.core import figures
-from proxy.core.config import Config
+from proxy.core.config.model import Config
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
 
-from proxy.core.config import AnalysisConfig
+from proxy.core.config.model import AnalysisConfig
 
 Verdict = Literal["pass", "fail", "need_more_samples"]
 Figure = float | int | None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.core.analysis import Judgement
-from proxy.core.config import GateName, PauseStep, RouteConfig, Step, WeightStep
+from proxy.core.config.model import GateName, PauseStep, RouteConfig, Step, WeightStep
 from proxy.core.state import PolicyError, RolloutStatus, RouteState
 
 Action = Literal[
@@ -40,7 +40,7 @@ def decide(
     clears both, a fail clears the inconclusive count, an inconclusive window leaves the
     failure count alone (lack of traffic is no evidence either way).
 
-    >>> from proxy.core.config import Match, VersionConfig
+    >>> from proxy.core.config.model import Match, VersionConfig
     >>> route = RouteConfig("shop", Match(), (VersionConfig("blue", ()),
     ...     VersionConfig("green", ())), "blue", (("blue", 100), ("green", 0)))
     >>> s = start(route, RouteState(route.weights, "blue"), "green", None, now=0.0)

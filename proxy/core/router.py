@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from proxy.core.config import Reason
+from proxy.core.config.model import Reason
 from proxy.core.hosts import host_name, matches
 from proxy.core.state import RoutePolicy, RoutingPolicy
 

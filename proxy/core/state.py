@@ -13,15 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from proxy.core.config import (
-    Config,
-    ConfigError,
-    ForceRule,
-    Reason,
-    RouteConfig,
-    Step,
-    parse_weights,
-)
+from proxy.core.config.model import Config, ConfigError, ForceRule, Reason, RouteConfig, Step
+from proxy.core.config.routes import parse_weights
 from proxy.core.hosts import compile_pattern
 
 logger = logging.getLogger(__name__)
@@ -87,7 +80,7 @@ class RouteState:
 
 
 def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
-    from proxy.core.config import PauseStep, WeightStep
+    from proxy.core.config.model import PauseStep, WeightStep
 
     steps: list[object] = []
     for s in r.steps:
@@ -109,7 +102,7 @@ def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
 
 
 def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
-    from proxy.core.config import PauseStep, WeightStep
+    from proxy.core.config.model import PauseStep, WeightStep
 
     steps: list[Step] = []
     raw_steps = d.get("steps") or []

@@ -11,7 +11,7 @@ import random
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from proxy.core.config import Config, RouteConfig
+from proxy.core.config.model import Config, RouteConfig
 
 # Upper bounds (seconds, inclusive, Prometheus `le`); bucket_counts has one more slot for +Inf.
 BUCKETS: tuple[float, ...] = (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from proxy.core.config import Config
+from proxy.core.config.model import Config
 from proxy.core.figures import VersionDelta
 from proxy.core.state import RouteState
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Protocol
 
-from proxy.core.config import Config
+from proxy.core.config.model import Config
 from proxy.core.hosts import host_name, matches
 from proxy.core.state import PolicyStore, RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 
-from proxy.core.config import ConfigError, TlsConfig
+from proxy.core.config.model import ConfigError, TlsConfig
 
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 PATH = "listen.tls"

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Literal, Protocol, cast
 
-from proxy.core.config import Config, Endpoint, HealthCheckConfig, Limits, OutlierConfig
+from proxy.core.config.model import Config, Endpoint, HealthCheckConfig, Limits, OutlierConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import uvloop
 
 from proxy.core import figures
-from proxy.core.config import ConfigError
+from proxy.core.config.model import ConfigError
 from proxy.core.state import PolicyError, PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import (

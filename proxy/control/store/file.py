@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from proxy.control.store.events import Event, event_from_json, json_safe
-from proxy.core.config import Config, RouteConfig
+from proxy.core.config.model import Config, RouteConfig
 from proxy.core.state import PolicyError, RouteState, rollout_from_json, validate_state
 
 FORMAT_VERSION = 1
