@@ -56,7 +56,10 @@ async def test_16_mib_answer_with_a_6s_pause_mid_body_arrives_whole(
                 peak = max(peak, client_buffer(gw))
                 await asyncio.sleep(0.1)
             assert peak < MIB, f"graygate buffered {peak} bytes for a paused client"
-            assert not state["done"], "the upstream was never back-pressured"
+            # Whether the upstream itself stalls here depends on the kernel: loopback socket
+            # buffers autotune to several MiB each and can hold the 12 MiB left. The
+            # back-pressure reaching the upstream is pinned with 64 MiB in test_e2e.py
+            # (slow reader) and in test_back_pressure_carries_over_to_the_next_answer.
             got += await reader.read()  # the rest, up to graygate's close
         assert len(got) == len(body)
         assert got == body
