@@ -252,7 +252,7 @@ class App:
             registry = make_registry(
                 self.stats,
                 lambda: self.store.policy,
-                supervisor.endpoint_states,
+                supervisor.reports.endpoint_states,
                 worker_restarts=lambda: supervisor.restarts,
                 get_replica=self.replica,
             )

@@ -20,8 +20,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.control import children
 from proxy.control.children import SupervisorError, WorkerProcess
+from proxy.control.reports import WorkerReports
 from proxy.control.store.events import EventLog
-from proxy.core import figures
 from proxy.core.config.model import Config
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
@@ -29,7 +29,6 @@ from proxy.dataplane.channel import (
     Ack,
     Channel,
     Drain,
-    EndpointRow,
     Failed,
     Figures,
     Hello,
@@ -65,7 +64,6 @@ class Supervisor:
         self.config = config
         self.count = config.workers
         self.store = store
-        self.stats = stats
         self.events = events
         self.persist = persist
         self.ack_deadline = ack_deadline
@@ -79,7 +77,7 @@ class Supervisor:
         self.port = 0
         self.address = ""
         self._sent_config = store.policy.config
-        self._waiters: list[asyncio.Future[None]] = []
+        self.reports = WorkerReports(stats, store, self.workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting_standby = False
         store.subscribe(self.on_policy)
@@ -150,9 +148,7 @@ class Supervisor:
     async def _start_standby(self) -> None:
         attempt = 0
         while not self.stopping and self.standby is None:
-            delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-            if delay:
-                await asyncio.sleep(delay)
+            await backoff(attempt)
             attempt += 1
             try:
                 w = await self.launch(-1)
@@ -168,11 +164,7 @@ class Supervisor:
     # -- the channel ------------------------------------------------------------------------
     def on_message(self, w: WorkerProcess, message: Message) -> None:
         if isinstance(message, Figures):
-            figures.merge(self.stats, message.versions)
-            w.inflight = figures.inflight_of(message.versions)
-            figures.set_inflight(self.stats, self._inflight_reports())
-            if message.endpoints is not None:
-                w.endpoints = message.endpoints
+            self.reports.merge(w, message)
         elif isinstance(message, Ack):
             if message.error is not None:
                 reason = f"could not apply policy {message.seq}: {message.error}"
@@ -184,7 +176,7 @@ class Supervisor:
                     w.kill()
             else:
                 w.acked = max(w.acked, message.seq)
-            self._wake()
+            self.reports.wake()
         elif isinstance(message, Ready):
             if not w.ready.done():
                 w.ready.set_result(message)
@@ -194,11 +186,10 @@ class Supervisor:
     def on_lost(self, w: WorkerProcess) -> None:
         w.serving = False
         w.lost_at = time.monotonic()
-        w.inflight = {}
-        figures.set_inflight(self.stats, self._inflight_reports())
+        self.reports.lost(w)
         if not w.ready.done():
             w.ready.set_result(f"workers: {w.name} exited while starting; see its log above")
-        self._wake()
+        self.reports.wake()
         if self.stopping:
             return
         if w is self.standby and w.is_ready:
@@ -218,35 +209,14 @@ class Supervisor:
     async def settle(self, generation: int) -> None:
         """Return once every serving worker has applied `generation`; a worker that has not
         within the deadline is killed (and its slot served by the standby)."""
-        deadline = self.loop.time() + self.ack_deadline
-        while True:
-            late = [w for w in self.workers if w is not None and w.serving and w.acked < generation]
-            if not late:
-                return
-            left = deadline - self.loop.time()
-            if left <= 0:
-                for w in late:
-                    self.restart(
-                        w,
-                        f"did not acknowledge policy {generation} within {self.ack_deadline:g}s",
-                    )
-                # Gone, not only signalled: its listener has left the SO_REUSEPORT group,
-                # so no connection made after our answer can reach it.
-                await asyncio.gather(*(w.reap() for w in late))
-                return
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, left)
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _inflight_reports(self) -> list[dict[figures.Pair, int]]:
-        return [w.inflight for w in self.workers if w is not None]
+        late = await self.reports.late(generation, self.ack_deadline)
+        if late:
+            for w in late:
+                reason = f"did not acknowledge policy {generation} within {self.ack_deadline:g}s"
+                self.restart(w, reason)
+            # Gone, not only signalled: its listener has left the SO_REUSEPORT group,
+            # so no connection made after our answer can reach it.
+            await asyncio.gather(*(w.reap() for w in late))
 
     # -- faults -----------------------------------------------------------------------------
     def restart(self, w: WorkerProcess, reason: str) -> None:
@@ -278,9 +248,7 @@ class Supervisor:
     async def cold_restart(self, old: WorkerProcess) -> None:
         attempt = 0
         while not self.stopping:
-            delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-            if delay:
-                await asyncio.sleep(delay)
+            await backoff(attempt)
             attempt += 1
             try:
                 new = await self.launch(old.index)
@@ -367,22 +335,12 @@ class Supervisor:
             sock.close()
         self.sockets.clear()
 
-    def endpoint_states(self) -> list[EndpointRow]:
-        """An endpoint counts as available only while every serving worker that reported
-        finds it so (each worker ejects on its own traffic)."""
-        merged: dict[tuple[str, str, str], bool] = {}
-        for w in self.workers:
-            if w is None or not w.serving or w.endpoints is None:
-                continue
-            for route, version, url, available in w.endpoints:
-                key = (route, version, url)
-                merged[key] = merged.get(key, True) and available
-        if not merged:  # before the first report
-            for rc in self.store.config.routes:
-                for v in rc.versions:
-                    for ep in v.endpoints:
-                        merged[(rc.name, v.name, ep.url)] = True
-        return [(r, v, u, a) for (r, v, u), a in merged.items()]
+
+async def backoff(attempt: int) -> None:
+    """The pause before start attempt `attempt` of a worker (none before the first)."""
+    delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+    if delay:
+        await asyncio.sleep(delay)
 
 
 def read_your_writes(store: PolicyStore, settle: Callable[[int], Awaitable[None]]) -> Middleware:
