@@ -12,11 +12,7 @@ import gc
 import logging
 import resource
 import signal
-import socket
-import ssl
-import time
 from collections.abc import Coroutine
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -41,13 +37,10 @@ from proxy.core.config.load import load_config
 from proxy.core.config.model import Config, ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import DownstreamProtocol
-from proxy.dataplane.gateway import Gateway
-from proxy.dataplane.tls import reload_context, server_context
+from proxy.dataplane.listener import Listener
+from proxy.dataplane.tls import server_context
 
 logger = logging.getLogger(__name__)
-
-SWEEP_INTERVAL = 5.0  # idle upstream connections past their idle timeout are closed
 
 
 class StartupError(Exception):
@@ -74,7 +67,7 @@ class App:
         self.admin_address = ""
         self.redis: RedisSync | None = None  # set when state.backend is redis
         self.supervisor: Supervisor | None = None  # set when workers > 1
-        self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
+        self.listener: Listener | None = None  # set when workers == 1: the data plane here
         self.notifier: Notifier | None = None
 
     async def start(self) -> None:
@@ -185,33 +178,20 @@ class App:
                 self.persist()
 
     async def _open_gateway(self) -> None:
-        config = self.config
-        loop = asyncio.get_running_loop()
-        self.gateway = Gateway(config, self.store, self.stats, loop)
+        self.listener = Listener(self.config, self.store, self.stats, asyncio.get_running_loop())
+        self.gateway = self.listener.gateway
         self.stack.push_async_callback(self.gateway.close)
-        listen = config.listen
-        tls_options: dict[str, Any] = {}
-        if config.listen_tls is not None:
-            try:
-                self.tls = server_context(config.listen_tls)
-            except ConfigError as exc:
-                raise StartupError(str(exc)) from exc
-            # A handshake is part of the request head's time: the same bound applies.
-            tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         try:
-            self.server = await loop.create_server(
-                partial(DownstreamProtocol, self.gateway),
-                listen.host or None,
-                listen.port,
-                backlog=4096,
-                reuse_address=True,
-                **tls_options,
-            )
+            self.listener.load_tls()
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            self.server = await self.listener.listen()
         except OSError as exc:
-            raise StartupError(f"listen: cannot bind {listen}: {exc}") from exc
+            raise StartupError(f"listen: cannot bind {self.config.listen}: {exc}") from exc
         self.stack.callback(self.server.close)
-        self.data_address = _bound(self.server)
-        self._spawn(self._sweep())
+        self.data_address = self.listener.address()
+        self._spawn(self.listener.sweep())
         self._spawn(self.gateway.watch())
         self.gateway.upstreams.start_health_checks()
 
@@ -295,11 +275,6 @@ class App:
         self.tasks.append(task)
         self.stack.push_async_callback(_cancel, task)
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(time.monotonic())
-
     def replica(self) -> ReplicaRow:
         if self.redis is None:
             return ("file", True, True)
@@ -325,9 +300,8 @@ class App:
             logger.warning("reload: listen addresses changed; they apply at the next restart")
         if config.workers != self.config.workers:
             logger.warning("reload: workers changed; the new number applies at the next restart")
-        if self.tls is not None and config.listen_tls is not None:
-            # New handshakes get the new certificate; open connections keep theirs.
-            reload_context(self.tls, config.listen_tls)  # ConfigError: the old one stays
+        if self.listener is not None:
+            self.listener.reload_tls(config.listen_tls)  # ConfigError: the old one stays
         elif self.supervisor is not None and config.listen_tls is not None:
             server_context(config.listen_tls)  # the workers reload theirs: refuse a bad file here
         if self.notifier is not None:
@@ -359,13 +333,8 @@ class App:
             await self.redis.resign()  # another replica runs the controller while we drain
         if self.supervisor is not None:
             await self.supervisor.stop(grace)  # each worker drains as below, then exits
-        else:
-            if self.server is not None:
-                self.server.close()
-            self.gateway.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.gateway.drained.wait(), grace)
-            left = len(self.gateway.connections)
+        elif self.listener is not None:
+            left = await self.listener.drain(grace)
             if left:
                 logger.warning("grace period over: closing %d connections", left)
         await self.stack.aclose()
@@ -376,14 +345,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def _bound(server: asyncio.Server) -> str:
-    addrs = []
-    for sock in server.sockets:
-        host, port = sock.getsockname()[:2]
-        addrs.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
-    return ", ".join(addrs)
 
 
 async def serve(config_path: str, reset_state: bool = False) -> int:

@@ -36,7 +36,6 @@ MAX_CLASS_LINES = 300
 # Modules over a limit today, each with why; the list may only shrink (issue 9). Nothing in
 # dataplane/ is on it once its split is done.
 OVERSIZED = {
-    "proxy.app": "class App 316 lines: TLS, webhooks, sources and workers wired in one class",
     "proxy.dataplane.exchange": "Exchange 370 lines (module 445): body forwarding still in it",
 }
 
