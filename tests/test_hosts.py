@@ -1,9 +1,20 @@
 """The Host rules: normal form and pattern match (router, policy, foreign check), and the
 strict form the admin guard compares."""
 
+import ipaddress
+
 import pytest
 
-from proxy.core.hosts import compile_pattern, host_name, matches, strict_host_name
+from proxy.control.guard import host_allowed
+from proxy.core.config.load import parse_config
+from proxy.core.hosts import address_form, compile_pattern, host_name, matches, strict_host_name
+
+ROUTE = {
+    "name": "shop",
+    "versions": {"blue": {"endpoints": ["http://127.0.0.1:9"]}},
+    "stable": "blue",
+    "weights": {"blue": 100},
+}
 
 
 @pytest.mark.parametrize(
@@ -63,3 +74,27 @@ def test_patterns(pattern, name, hit):
 )
 def test_strict_host_name(raw, name):
     assert strict_host_name(raw) == name
+
+
+@pytest.mark.parametrize(
+    ("entry", "name"),
+    [
+        ("[::ffff:127.0.0.1]", "127.0.0.1"),  # IPv4-mapped: the IPv4 address, as the guard
+        ("::FFFF:10.0.0.5", "10.0.0.5"),
+        ("[::ffff:7f00:1]", "127.0.0.1"),  # the same address written in hex
+        ("[0:0::1]", "[::1]"),
+        ("fd00::2", "[fd00::2]"),
+        ("10.0.0.5", "10.0.0.5"),
+    ],
+)
+def test_an_allowed_hosts_entry_takes_the_form_the_guard_compares(entry, name):
+    """admin.allowed_hosts and the admin guard's Host check share address_form: an entry
+    matches a Host header naming the same address however either is written."""
+    cfg = parse_config(
+        {"listen": "127.0.0.1:0", "admin": {"allowed_hosts": [entry]}, "routes": [ROUTE]}, env={}
+    )
+    assert cfg.admin.allowed_hosts == (name,)
+    bracketed = entry if entry.startswith("[") or ":" not in entry else f"[{entry}]"
+    assert strict_host_name(f"{bracketed}:9901") == name
+    assert host_allowed(f"{bracketed}:9901", "", "127.0.0.1", cfg.admin.allowed_hosts)
+    assert address_form(ipaddress.ip_address(entry.strip("[]"))) == name

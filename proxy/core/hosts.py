@@ -1,7 +1,7 @@
 """Host names: the normal form of a Host value or a route's host pattern, whether a name
-matches a compiled pattern, and the strict form the admin guard compares. The one home of
-these rules, used by the policy compiler, the router, the data plane's foreign-host check
-and control/guard.py. Pure: standard library only.
+matches a compiled pattern, the strict form the admin guard compares, and the one form of
+an address (address_form, admin.allowed_hosts too). The one home of these rules: policy
+compiler, router, foreign-host check, config and control/guard.py. Pure: stdlib only.
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ def strict_host_name(value: str) -> str | None:
         if end < 0 or (port and not (port[0] == ":" and port[1:].isdigit())):
             return None
         try:
-            ip6 = ipaddress.IPv6Address(text[1:end])
+            return address_form(ipaddress.IPv6Address(text[1:end]))
         except ValueError:
             return None
-        v4 = ip6.ipv4_mapped
-        return v4.compressed if v4 is not None else f"[{ip6.compressed}]"
     name, sep, port = text.rpartition(":")
     if not sep:
         name = text
@@ -57,8 +55,18 @@ def strict_host_name(value: str) -> str | None:
     if not name or any(c in name for c in ":[]/@ "):
         return None
     with contextlib.suppress(ValueError):  # a name, not an address: compared as it is
-        return ipaddress.IPv4Address(name).compressed
+        return address_form(ipaddress.IPv4Address(name))
     return name
+
+
+def address_form(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The one form an address takes where Host names are compared (the admin guard and
+    admin.allowed_hosts): IPv4 compressed, IPv6 compressed in brackets, IPv4-mapped IPv6
+    as its IPv4 address: `::ffff:127.0.0.1` -> `127.0.0.1`, `0:0::1` -> `[::1]`."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        v4 = ip.ipv4_mapped
+        return v4.compressed if v4 is not None else f"[{ip.compressed}]"
+    return ip.compressed
 
 
 def compile_pattern(pattern: str) -> tuple[str | None, str | None]:

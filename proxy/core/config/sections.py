@@ -41,6 +41,7 @@ from proxy.core.config.values import (
     parse_duration,
     parse_size,
 )
+from proxy.core.hosts import address_form
 
 # --- sections --------------------------------------------------------------------------------
 
@@ -87,8 +88,7 @@ def _allowed_host(value: object, path: str) -> str:
         return text
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     with contextlib.suppress(ValueError):  # not an address: a name, checked below
-        ip = ipaddress.ip_address(bare)
-        return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+        return address_form(ipaddress.ip_address(bare))
     host, sep, port = text.rpartition(":")
     if sep and port.isdigit() and _is_hostname(host.rstrip(".")):
         _fail(path, f"{help_}; write it without a port (the port is never compared)", value)
