@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.core.analysis import Judgement
-from proxy.core.config.model import GateName, PauseStep, RouteConfig, Step, WeightStep
+from proxy.core.config.model import GateName, MirrorStep, PauseStep, RouteConfig, Step, WeightStep
 from proxy.core.state import PolicyError, RolloutStatus, RouteState
 
 Action = Literal[
@@ -76,6 +76,9 @@ def decide(
         new = _enter(state, steps, ro.step + 1, now)
         action: Action = "promote" if new.rollout.phase == "promoted" else "advance"
         return _decision(new, action, f"pause of {step.seconds:g}s is over", judgement, now)
+
+    if isinstance(step, MirrorStep):
+        raise NotImplementedError("mirror steps: issue 13, helper M2")  # replaced before merge
 
     if verdict == "pass":
         cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
