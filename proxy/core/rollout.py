@@ -78,7 +78,7 @@ def decide(
         return _decision(new, action, f"pause of {step.seconds:g}s is over", judgement, now)
 
     if isinstance(step, MirrorStep):
-        raise NotImplementedError("mirror steps: issue 13, helper M2")  # replaced before merge
+        return _decide_mirror(route, state, step, judgement, now)
 
     if verdict == "pass":
         cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
@@ -119,6 +119,76 @@ def decide(
         msg = f"{what} for {inconclusive} windows, rollout paused"
         return _decision(new, "pause", msg, judgement, now)
     msg = f"{what} ({inconclusive}/{policy.max_inconclusive}), holding at {step.weight}%"
+    return _decision(counted, "hold", msg, judgement, now)
+
+
+def _decide_mirror(
+    route: RouteConfig, state: RouteState, step: MirrorStep, judgement: Judgement | None, now: float
+) -> Decision:
+    """A mirror step (the canary at weight 0, `step.percent` of requests shadowed to it).
+    `judgement` is analysis.mirror_verdict over the step's running totals, which it carries
+    in its figures, so deciding twice on one judgement (a gate's answer) counts nothing
+    twice. fail / pass / need_more_samples after the duration count like a weight step's
+    windows; while the step runs without failing it holds, uncounted."""
+    ro = state.rollout
+    policy = route.rollout
+    canary = ro.canary
+    figures = judgement.figures if judgement is not None else {}
+    samples, mismatches = figures.get("mirror_samples"), figures.get("mirror_mismatches")
+    if judgement is not None and isinstance(samples, int) and isinstance(mismatches, int):
+        ro = replace(ro, mirror_samples=samples, mirror_mismatches=mismatches)
+    else:
+        judgement = None  # the window was not read: inconclusive, as on a weight step
+    totals = f"{ro.mirror_mismatches} of {ro.mirror_samples} shadow answers differed"
+    unseen = f"no user request was served by {canary}"
+    verdict = judgement.verdict if judgement is not None else None
+
+    if verdict == "fail" and judgement is not None:
+        failures = ro.failures + 1
+        counted = replace(state, rollout=replace(ro, failures=failures, inconclusive=0))
+        why = "; ".join(judgement.reasons)
+        if failures < policy.failure_limit:
+            msg = (
+                f"canary {canary} failed the mirror step ({failures}/{policy.failure_limit}): {why}"
+            )
+            return _decision(counted, "fail", msg, judgement, now)
+        if policy.on_failure == "pause":
+            new = replace(
+                counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+            )
+            msg = f"canary {canary} failed the mirror step, rollout paused ({unseen}): {why}"
+            return _decision(new, "pause", msg, judgement, now)
+        msg = f"canary {canary} failed the mirror step, rolled back ({unseen}): {why}"
+        return _decision(_rolled_back(counted), "rollback", msg, judgement, now)
+
+    if verdict == "pass":
+        cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
+        new = _enter(cleared, ro.steps or route.rollout.steps, ro.step + 1, now)
+        action: Action = "promote" if new.rollout.phase == "promoted" else "advance"
+        msg = f"canary {canary} passed the mirror step ({totals}), step {ro.step + 1}"
+        return _decision(new, action, msg, judgement, now)
+
+    remaining = figures.get("mirror_remaining")
+    if verdict is not None and isinstance(remaining, int | float) and remaining > 0:
+        held = replace(state, rollout=replace(ro, failures=0))
+        msg = f"mirror step runs {remaining:.0f}s more ({totals} so far)"
+        return _decision(held, "hold", msg, judgement, now)
+
+    inconclusive = ro.inconclusive + 1
+    counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
+    if judgement is None:
+        what = "mirror window not read"
+    else:
+        what = "; ".join(judgement.reasons) or (
+            f"too few shadow answers ({ro.mirror_samples} of {step.min_samples})"
+        )
+    if inconclusive >= policy.max_inconclusive:
+        new = replace(
+            counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+        )
+        msg = f"{what} for {inconclusive} windows, rollout paused ({unseen})"
+        return _decision(new, "pause", msg, judgement, now)
+    msg = f"{what} ({inconclusive}/{policy.max_inconclusive}), holding the mirror step"
     return _decision(counted, "hold", msg, judgement, now)
 
 
@@ -206,7 +276,15 @@ def resume(state: RouteState, now: float) -> RouteState:
         raise _conflict(f"cannot resume: rollout is {ro.phase}")
     going = replace(
         state,
-        rollout=replace(ro, phase="progressing", failures=0, inconclusive=0, step_started=now),
+        rollout=replace(
+            ro,
+            phase="progressing",
+            failures=0,
+            inconclusive=0,
+            step_started=now,
+            mirror_samples=0,
+            mirror_mismatches=0,
+        ),
     )
     if at_gate:
         return _enter(going, ro.steps, ro.step + 1, now)
@@ -244,12 +322,22 @@ def _enter(state: RouteState, steps: tuple[Step, ...], index: int, now: float) -
     """Enter step `index` with its weight (a pause keeps the current one); past the end: promote."""
     if index >= len(steps):
         return _promoted(state, now)
-    ro = replace(state.rollout, steps=steps, step=index, step_started=now, paused_by_gate=None)
+    ro = replace(
+        state.rollout,
+        steps=steps,
+        step=index,
+        step_started=now,
+        paused_by_gate=None,
+        mirror_samples=0,
+        mirror_mismatches=0,
+    )
     step = steps[index]
     weights = state.weights
     canary = ro.canary
     if canary is not None and isinstance(step, WeightStep):
         weights = _split(state, canary, step.weight)
+    elif canary is not None and isinstance(step, MirrorStep):
+        weights = _split(state, canary, 0)  # shadows only: no user reaches the canary
     elif canary is not None and index == 0:
         weights = _split(state, canary, 0)  # a rollout that opens with a pause starts dark
     return replace(state, weights=weights, rollout=ro)

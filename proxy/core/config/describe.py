@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import urllib.parse
 
-from proxy.core.config.model import GATE_NAMES, Config, Step, WeightStep
+from proxy.core.config.model import GATE_NAMES, Config, MirrorStep, Step, WeightStep
 from proxy.core.config.values import format_duration
 
 
 def _describe_step(step: Step) -> str:
     if isinstance(step, WeightStep):
         return f"{step.weight}%"
+    if isinstance(step, MirrorStep):
+        return (
+            f"mirror {step.percent:g}% for {format_duration(step.seconds)} "
+            f"(max mismatch {step.max_mismatch_ratio:g}, min {step.min_samples} samples)"
+        )
     return "pause" if step.seconds is None else f"pause {format_duration(step.seconds)}"
 
 
