@@ -135,13 +135,13 @@ def _decide_mirror(
     canary = ro.canary
     figures = judgement.figures if judgement is not None else {}
     samples, mismatches = figures.get("mirror_samples"), figures.get("mirror_mismatches")
-    if judgement is not None and isinstance(samples, int) and isinstance(mismatches, int):
-        ro = replace(ro, mirror_samples=samples, mirror_mismatches=mismatches)
-    else:
-        judgement = None  # the window was not read: inconclusive, as on a weight step
+    read = isinstance(samples, int) and isinstance(mismatches, int)
+    if read:
+        ro = replace(ro, mirror_samples=int(samples or 0), mirror_mismatches=int(mismatches or 0))
     totals = f"{ro.mirror_mismatches} of {ro.mirror_samples} shadow answers differed"
     unseen = f"no user request was served by {canary}"
-    verdict = judgement.verdict if judgement is not None else None
+    # A window that could not be read is inconclusive, as on a weight step.
+    verdict = judgement.verdict if judgement is not None and read else None
 
     if verdict == "fail" and judgement is not None:
         failures = ro.failures + 1
@@ -176,12 +176,11 @@ def _decide_mirror(
 
     inconclusive = ro.inconclusive + 1
     counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
-    if judgement is None:
-        what = "mirror window not read"
+    reasons = "; ".join(judgement.reasons) if judgement is not None else ""
+    if not read:
+        what = f"mirror window not read ({reasons})" if reasons else "mirror window not read"
     else:
-        what = "; ".join(judgement.reasons) or (
-            f"too few shadow answers ({ro.mirror_samples} of {step.min_samples})"
-        )
+        what = reasons or f"too few shadow answers ({ro.mirror_samples} of {step.min_samples})"
     if inconclusive >= policy.max_inconclusive:
         new = replace(
             counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
