@@ -19,7 +19,7 @@ from proxy import __version__
 from proxy.build import BUILD
 from proxy.control import ctl
 from proxy.control.logs import LOG_FORMATS, configure
-from proxy.core.config.describe import describe
+from proxy.core.config.describe import config_warnings, describe
 from proxy.core.config.load import load_config
 from proxy.core.config.model import ConfigError
 from proxy.dataplane.tls import server_context
@@ -50,6 +50,8 @@ def _check(ns: argparse.Namespace) -> int:
         print(f"graygate: {ns.config}: {exc}", file=sys.stderr)
         return 2
     print(describe(config))
+    for warning in config_warnings(config):
+        print(f"graygate: warning: {warning}", file=sys.stderr)
     print(f"graygate: configuration file {ns.config} is valid")
     return 0
 

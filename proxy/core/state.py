@@ -17,6 +17,7 @@ from proxy.core.config.model import Config, ConfigError, ForceRule, Reason, Rout
 from proxy.core.config.rollout import steps_from_json, steps_to_json
 from proxy.core.config.routes import parse_weights
 from proxy.core.hosts import compile_pattern
+from proxy.core.mirror import ActiveMirror, active_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class RoutePolicy:
     host_exact: str | None
     host_suffix: str | None  # "*.example.com" -> ".example.com"; "*" leaves both None
     path_prefix: str
+    mirror: ActiveMirror | None = None  # shadow copies in force: route mirror or mirror step
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
         cumulative.append((stable, 100))
     host_exact, host_suffix = compile_pattern(route.match.host)
     salt = (sticky.salt if sticky is not None and sticky.salt else route.name).encode()
+    ro = state.rollout
     return RoutePolicy(
         config=route,
         state=state,
@@ -244,6 +247,7 @@ def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
         host_exact=host_exact,
         host_suffix=host_suffix,
         path_prefix=route.match.path_prefix,
+        mirror=active_mirror(route, stable, canary, ro.phase, ro.steps, ro.step),
     )
 
 
