@@ -39,6 +39,7 @@ from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWrite
 from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config.load import load_config
 from proxy.core.config.model import Config, ConfigError
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import DownstreamProtocol
@@ -106,6 +107,7 @@ class App:
             raise StartupError(str(exc)) from exc
         await self._open_state()
         self.stats = Stats.from_config(config)
+        self.mirrors = Mirrors.from_config(config)  # shadow copies: counters and mismatches
         if config.workers == 1:
             await self._open_gateway()  # the data plane in this process, as always
         else:
@@ -113,7 +115,7 @@ class App:
         await self._open_admin()
         if self.supervisor is not None:
             await self._start_workers()
-        self.sources = Sources(self.stats)
+        self.sources = Sources(self.stats, self.mirrors)
         self.stack.push_async_callback(self.sources.close)
         self.controller = Controller(
             self.store,
@@ -123,6 +125,7 @@ class App:
             self.persist,
             self.stats,
             should_run=self.redis.holds_lease if self.redis is not None else None,
+            mirrors=self.mirrors,
         )
         self._spawn(self.controller.run())
 
@@ -222,7 +225,9 @@ class App:
                 server_context(self.config.listen_tls)
             except ConfigError as exc:
                 raise StartupError(str(exc)) from exc
-        self.supervisor = Supervisor(self.config, self.store, self.stats, self.events, self.persist)
+        self.supervisor = Supervisor(
+            self.config, self.store, self.stats, self.events, self.persist, mirrors=self.mirrors
+        )
         self.stack.push_async_callback(self.supervisor.close)
         try:
             self.supervisor.reserve()
@@ -241,21 +246,16 @@ class App:
         config = self.config
         loop = asyncio.get_running_loop()
         supervisor = self.supervisor
-        if supervisor is None:
-            registry = make_registry(
-                self.stats,
-                lambda: self.store.policy,
-                lambda: self.gateway.upstreams.endpoint_states(loop.time()),
-                get_replica=self.replica,
-            )
-        else:
-            registry = make_registry(
-                self.stats,
-                lambda: self.store.policy,
-                supervisor.endpoint_states,
-                worker_restarts=lambda: supervisor.restarts,
-                get_replica=self.replica,
-            )
+        registry = make_registry(
+            self.stats,
+            lambda: self.store.policy,
+            (lambda: self.gateway.upstreams.endpoint_states(loop.time()))
+            if supervisor is None
+            else supervisor.endpoint_states,
+            get_replica=self.replica,
+            worker_restarts=None if supervisor is None else lambda: supervisor.restarts,
+            mirrors=self.mirrors,
+        )
         assert self.notifier is not None
         registry.register(NotificationCollector(self.notifier.rows))
         ctx = AdminContext(
@@ -267,6 +267,7 @@ class App:
             token=config.admin.token,
             ready=lambda: self.serving and not self.draining,  # workers up, not draining
             stats=self.stats,
+            mirrors=self.mirrors,
             listen_host=config.admin.listen.host,
             allowed_hosts=config.admin.allowed_hosts,
             writer=self.writer,
@@ -333,6 +334,7 @@ class App:
         if self.notifier is not None:
             await self.notifier.reconfigure(config.notifications)
         self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
+        self.mirrors.reconfigure(config)  # before the policy that may shadow a new route
         if self.supervisor is not None:
             # The workers get the config with the states (one message each) and apply it
             # whole; the file was valid, so it is every worker or, above, none.

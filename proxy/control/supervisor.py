@@ -23,6 +23,7 @@ from proxy.control.children import SupervisorError, WorkerProcess
 from proxy.control.store.events import EventLog
 from proxy.core import figures
 from proxy.core.config.model import Config
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import (
@@ -61,11 +62,13 @@ class Supervisor:
         persist: Callable[[], None],
         ack_deadline: float = ACK_DEADLINE,
         flush_interval: float = FLUSH_INTERVAL,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.config = config
         self.count = config.workers
         self.store = store
         self.stats = stats
+        self.mirrors = mirrors  # the workers' shadow copies add up here
         self.events = events
         self.persist = persist
         self.ack_deadline = ack_deadline
@@ -169,6 +172,8 @@ class Supervisor:
     def on_message(self, w: WorkerProcess, message: Message) -> None:
         if isinstance(message, Figures):
             figures.merge(self.stats, message.versions)
+            if message.mirrors and self.mirrors is not None:
+                figures.merge_mirrors(self.mirrors, message.mirrors)
             w.inflight = figures.inflight_of(message.versions)
             figures.set_inflight(self.stats, self._inflight_reports())
             if message.endpoints is not None:
