@@ -17,7 +17,7 @@ import uvloop
 
 from proxy import __version__
 from proxy.build import BUILD
-from proxy.control import ctl
+from proxy.control import ctl, ctl_mirror
 from proxy.control.logs import LOG_FORMATS, configure
 from proxy.core.config.describe import config_warnings, describe
 from proxy.core.config.load import load_config
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the config file's JSON Schema")
     p.set_defaults(func=_schema)
 
-    ctl.add_arguments(sub)
+    ctl_mirror.add_parser(sub, ctl.add_arguments(sub))
     return parser
 
 
