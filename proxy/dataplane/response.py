@@ -138,6 +138,8 @@ class ResponseReader:
             self.resp_length = -1
             self.resp_te = False
             return
+        if ex.shadow is not None:
+            ex.shadow.primary_head(status, self.resp_headers)
         # llhttp forgets keep-alive once the message is done: read it now.
         self.upstream_keep_alive = bool(parser.should_keep_alive())
         no_body = ex.method == b"HEAD" or status in NO_BODY_STATUS
@@ -194,6 +196,8 @@ class ResponseReader:
         if self.complete:
             raise Overrun()  # a body on an answer to HEAD
         self.body_left -= len(data)
+        if self.ex.shadow is not None:
+            self.ex.shadow.primary_body(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
