@@ -190,7 +190,7 @@ class App:
     async def _open_gateway(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        self.gateway = Gateway(config, self.store, self.stats, loop)
+        self.gateway = Gateway(config, self.store, self.stats, loop, mirrors=self.mirrors)
         self.stack.push_async_callback(self.gateway.close)
         listen = config.listen
         tls_options: dict[str, Any] = {}

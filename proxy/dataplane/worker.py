@@ -103,7 +103,7 @@ class Worker:
         self.seq = hello.seq
         self.stats = Stats.from_config(config)
         self.mirrors = Mirrors.from_config(config)
-        self.gateway = Gateway(config, self.store, self.stats, self.loop)
+        self.gateway = Gateway(config, self.store, self.stats, self.loop, mirrors=self.mirrors)
         for policy in self.pending:
             self.apply(policy)
         self.pending.clear()
@@ -160,8 +160,6 @@ class Worker:
             if policy.config is not None:
                 if self.tls is not None and policy.config.listen_tls is not None:
                     reload_context(self.tls, policy.config.listen_tls)  # new handshakes only
-                if self.mirrors is not None:
-                    self.mirrors.reconfigure(policy.config)
                 gateway.reconfigure(policy.config)
                 store.reconfigure(policy.config)
                 if self.serving:
