@@ -55,6 +55,7 @@ async def scenario(
     blue: Any,
     green: Any,
     mirror: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Boot graygate, start the rollout with a mirror step from the CLI, send user traffic
     until the step is decided; returns what the test asserts on."""
@@ -79,6 +80,7 @@ async def scenario(
         "state": {"path": str(tmp_path / "state.json")},
         "timeouts": TIMEOUTS,
         "grace_period": "1s",
+        "workers": workers,
         "routes": [route],
     }
     path = tmp_path / "graygate.yaml"
@@ -264,4 +266,25 @@ async def test_without_the_noise_floor_the_same_nonce_fails_green(
     )
     assert out["state"]["rollout"]["state"] == "rolled_back", out["state"]
     assert "$.nonce" in out["cli"]
+    assert_no_user_saw_green(out)
+
+
+async def test_with_two_workers_the_gate_sees_every_workers_shadows(
+    upstreams, graygate_process, tmp_path
+):
+    # The shadows run in the worker processes; their counts and mismatches reach the
+    # supervisor's Mirrors in the figure batches, where the controller and the API read them.
+    out = await scenario(
+        upstreams,
+        graygate_process,
+        tmp_path,
+        answering("blue", same),
+        answering("green", price_every_20th),
+        workers=2,
+    )
+    assert out["state"]["rollout"]["state"] == "rolled_back", out["state"]
+    rollback = next(e for e in out["events"] if e["action"] == "rollout.rollback")
+    assert rollback["figures"]["mismatches"][0]["json_paths"][0]["path"] == "$.price"
+    assert "$.price: 10 vs 11" in out["cli"]
+    assert metric(out, "graygate_mirror_requests_total", version="green", result="match") >= 90
     assert_no_user_saw_green(out)
