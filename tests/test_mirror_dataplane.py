@@ -321,3 +321,16 @@ async def test_slow_shadow_leaves_users_p99_alone_and_excess_copies_drop(upstrea
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_shadow_timeout_is_a_shadow_error(upstreams, gateway):
+    async def late(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(1)
+        return web.Response(text="late")
+
+    gw, _, _ = await mirrored(upstreams, gateway, None, late, timeout="200ms")
+    ms = stats_of(gw)
+    assert await get_all(gw, 2) == [200, 200]
+    await settled(ms, 2)
+    assert ms.results["shadow_error"] == 2
+    assert ms.recent[-1].detail == "no shadow answer within 0.2s"

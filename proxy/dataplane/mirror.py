@@ -89,6 +89,7 @@ class Shadows:
         self.mirrors = mirrors
         self.upstreams = Upstreams(config)  # separate EndpointPools: never a user's slot
         self.floors: dict[tuple[str, str], NoiseFloor] = {}
+        self.live: set[Copy] = set()  # copies whose legs still run
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -113,6 +114,9 @@ class Shadows:
         return RouteMirror(self, rp, am, floor)
 
     async def close(self) -> None:
+        for copy in list(self.live):
+            for leg in copy.legs:
+                leg.finish("graygate shut down")
         await self.upstreams.close()
 
 
@@ -258,6 +262,7 @@ class Copy:
             return
         stats.inflight += 1
         sh = rm.shadows
+        sh.live.add(self)
         data = [self.head(ex), *self.body]
         self.body = []
         pools = [rm.target] if rm.stable_pool is None else [rm.target, rm.stable_pool]
@@ -308,6 +313,7 @@ class Copy:
         self.left -= 1
         if self.left == 0:
             self.rm.stats.inflight -= 1
+            self.rm.shadows.live.discard(self)
             if self.primary_seen:
                 self.judge()
 
