@@ -171,7 +171,8 @@ class RouteMirror:
             if int(declared) > self.config.max_body_bytes:
                 self.stats.drop("max_body_bytes")
                 return None
-        return Copy(self, ex)
+        copy = Copy(self, ex)
+        return None if copy.dead else copy  # dropped at once: the exchange need not feed it
 
 
 class Copy:
@@ -230,10 +231,12 @@ class Copy:
             self.launch()
 
     def primary_head(self, status: int, headers: Headers) -> None:
-        self.primary.head(status, headers)
+        if not self.dead:
+            self.primary.head(status, headers)
 
     def primary_body(self, data: bytes | memoryview) -> None:
-        self.primary.body(data)
+        if not self.dead:
+            self.primary.body(data)
 
     def primary_end(self, complete: bool) -> None:
         self.primary_seen = True
@@ -320,15 +323,16 @@ class Copy:
     def judge(self) -> None:
         rm = self.rm
         stats = rm.stats
+        legs, self.legs = self.legs, []  # each leg holds its copy: break the cycle
         if not self.primary_ok:
             stats.drop("primary_incomplete")
             return
         rules = rm.config.compare
         primary = self.primary.capture
-        canary = self.legs[0]
+        canary = legs[0]
         result: Comparison = compare(primary, canary.rec.capture, rules)
         if rm.floor is not None and result.result != "shadow_error":
-            baseline = compare(primary, self.legs[1].rec.capture, rules)
+            baseline = compare(primary, legs[1].rec.capture, rules)
             if baseline.result != "shadow_error":
                 rm.floor.observe(result, baseline)
             result = rm.floor.judge(result)
