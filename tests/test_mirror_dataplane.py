@@ -334,3 +334,57 @@ async def test_shadow_timeout_is_a_shadow_error(upstreams, gateway):
     await settled(ms, 2)
     assert ms.results["shadow_error"] == 2
     assert ms.recent[-1].detail == "no shadow answer within 0.2s"
+
+
+async def test_forced_true_mirrors_testers_but_never_to_their_own_version(upstreams, gateway):
+    b = await upstreams("blue")
+    g = await upstreams("green")
+    force = [
+        {"header": "X-Canary", "value": "always", "to": "canary"},
+        {"header": "X-Canary", "value": "never", "to": "stable"},
+    ]
+    route = route_config(b.url, g.url, force=force, mirror={"percent": 100, "forced": True})
+    gw = await gateway([route], timeouts=FAST)
+    ms = stats_of(gw)
+    await get_all(gw, 2, headers={"X-Canary": "always"})  # served by green: no copy
+    await get_all(gw, 3, headers={"X-Canary": "never"})
+    await settled(ms, 3)
+    assert sum(ms.results.values()) == 3 and len(g.requests) == 2 + 3
+
+
+async def test_streamed_and_large_bodies_are_captured_whole(upstreams, gateway):
+    big = bytes(range(256)) * 400  # 100 KiB: relayed as a passthrough view
+
+    def streamer(last: bytes) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if request.path == "/big":
+                return web.Response(body=big[:-1] + last)
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)  # chunked
+            for part in (b'{"items": [1, ', b"2, 3], ", b'"last": ' + last + b"}"):
+                await resp.write(part)
+            await resp.write_eof()
+            return resp
+
+        return handler
+
+    gw, _, _ = await mirrored(
+        upstreams, gateway, streamer(b"1"), streamer(b"1"), compare={"body": "json"}
+    )
+    ms = stats_of(gw)
+    await get_all(gw, 1, "/json")
+    await get_all(gw, 1, "/big")
+    await settled(ms, 2)
+    assert ms.results["match"] == 2
+
+    gw2, _, _ = await mirrored(
+        upstreams, gateway, streamer(b"1"), streamer(b"2"), compare={"body": "json"}
+    )
+    ms2 = stats_of(gw2)
+    await get_all(gw2, 1, "/json")
+    await get_all(gw2, 1, "/big")
+    await settled(ms2, 2)
+    assert ms2.results["body_mismatch"] == 2
+    json_case, big_case = ms2.recent
+    assert [(d.path, d.primary, d.shadow) for d in json_case.json_paths] == [("$.last", "1", "2")]
+    assert big_case.json_paths == () and big_case.digests[0] != big_case.digests[1]
