@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
+import sys
 import time
 from typing import Any
 
@@ -249,33 +251,140 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+# The slow shadow runs in a process of its own: in this one its request handling would land
+# in the users' latency, which a real shadow elsewhere never does.
+SLOW_SHADOW = """
+import asyncio, sys
+async def handle(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\\r\\n\\r\\n")
+            await asyncio.sleep(2)
+            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 4\\r\\n\\r\\nlate")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+async def slow_shadow() -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SLOW_SHADOW, str(port))
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        return proc, f"http://127.0.0.1:{port}"
+    proc.kill()
+    raise AssertionError("the slow shadow did not start")
+
+
 async def test_slow_shadow_leaves_users_p99_alone_and_excess_copies_drop(upstreams, gateway):
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(2)
+    b = await upstreams("blue")
+    proc, shadow = await slow_shadow()
+    try:
+        plain = route_config(b.url, shadow, name="plain", match={"path_prefix": "/plain"})
+        shop = route_config(b.url, shadow, mirror={"percent": 100, "max_inflight": 64})
+        gw = await gateway([plain, shop], timeouts=FAST)
+        ms = stats_of(gw)
+        rounds: dict[str, list[float]] = {"/plain": [], "/shop": []}
+        async with aiohttp.ClientSession() as session:
+            for path in ["/plain", "/shop"] * 20:  # warm up both routes' connections
+                async with session.get(gw.url + path) as resp:
+                    await resp.read()
+            await settled(ms, 20)  # no copy of the warm-up is still in flight
+            for _ in range(3):  # the median of three runs: this box is shared and noisy
+                times: dict[str, list[float]] = {"/plain": [], "/shop": []}
+                for i in range(400):
+                    path = "/plain" if i % 2 else "/shop"  # interleaved: the same conditions
+                    t0 = time.perf_counter()
+                    async with session.get(gw.url + path) as resp:
+                        await resp.read()
+                        assert resp.status == 200
+                    times[path].append(time.perf_counter() - t0)
+                for path, samples in times.items():
+                    rounds[path].append(p99(samples))
+        base, with_mirror = statistics.median(rounds["/plain"]), statistics.median(rounds["/shop"])
+        assert with_mirror <= base + max(0.001, base * 0.1), rounds
+        assert ms.dropped["max_inflight"] >= 100  # 600 copies in a few s, 64 at a time
+        await settled(ms, 620, within=6)
+        assert ms.results["dropped"] == ms.dropped["max_inflight"]
+        assert ms.window_samples == 620 - ms.dropped["max_inflight"]  # compared: 20 + 64 ...
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_shadow_timeout_is_a_shadow_error(upstreams, gateway):
+    async def late(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(1)
         return web.Response(text="late")
 
-    b = await upstreams("blue")
-    g = await upstreams("green", slow)
-    plain = route_config(b.url, g.url, name="plain", match={"host": "*", "path_prefix": "/plain"})
-    shop = route_config(b.url, g.url, mirror={"percent": 100, "max_inflight": 64})
-    gw = await gateway([plain, shop], timeouts=FAST)
+    gw, _, _ = await mirrored(upstreams, gateway, None, late, timeout="200ms")
     ms = stats_of(gw)
-    times: dict[str, list[float]] = {"/plain": [], "/shop": []}
-    async with aiohttp.ClientSession() as session:
-        for path in ["/plain", "/shop"] * 20:  # warm up both routes' connections
-            async with session.get(gw.url + path) as resp:
-                await resp.read()
-        await settled(ms, 20)  # no copy of the warm-up is still in flight
-        for i in range(400):
-            path = "/plain" if i % 2 else "/shop"  # interleaved: the same conditions
-            t0 = time.perf_counter()
-            async with session.get(gw.url + path) as resp:
-                await resp.read()
-                assert resp.status == 200
-            times[path].append(time.perf_counter() - t0)
-    base, with_mirror = p99(times["/plain"]), p99(times["/shop"])
-    assert with_mirror <= base + max(0.001, base * 0.1), (base, with_mirror)
-    assert ms.dropped["max_inflight"] >= 100  # 200 copies in well under 2 s, 64 at a time
-    await settled(ms, 220, within=6)
-    assert ms.results["dropped"] == ms.dropped["max_inflight"]
-    assert ms.window_samples == 220 - ms.dropped["max_inflight"]  # compared: warm-up and 64+
+    assert await get_all(gw, 2) == [200, 200]
+    await settled(ms, 2)
+    assert ms.results["shadow_error"] == 2
+    assert ms.recent[-1].detail == "no shadow answer within 0.2s"
+
+
+async def test_forced_true_mirrors_testers_but_never_to_their_own_version(upstreams, gateway):
+    b = await upstreams("blue")
+    g = await upstreams("green")
+    force = [
+        {"header": "X-Canary", "value": "always", "to": "canary"},
+        {"header": "X-Canary", "value": "never", "to": "stable"},
+    ]
+    route = route_config(b.url, g.url, force=force, mirror={"percent": 100, "forced": True})
+    gw = await gateway([route], timeouts=FAST)
+    ms = stats_of(gw)
+    await get_all(gw, 2, headers={"X-Canary": "always"})  # served by green: no copy
+    await get_all(gw, 3, headers={"X-Canary": "never"})
+    await settled(ms, 3)
+    assert sum(ms.results.values()) == 3 and len(g.requests) == 2 + 3
+
+
+async def test_streamed_and_large_bodies_are_captured_whole(upstreams, gateway):
+    big = bytes(range(256)) * 400  # 100 KiB: relayed as a passthrough view
+
+    def streamer(last: bytes) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if request.path == "/big":
+                return web.Response(body=big[:-1] + last)
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)  # chunked
+            for part in (b'{"items": [1, ', b"2, 3], ", b'"last": ' + last + b"}"):
+                await resp.write(part)
+            await resp.write_eof()
+            return resp
+
+        return handler
+
+    gw, _, _ = await mirrored(
+        upstreams, gateway, streamer(b"1"), streamer(b"1"), compare={"body": "json"}
+    )
+    ms = stats_of(gw)
+    await get_all(gw, 1, "/json")
+    await get_all(gw, 1, "/big")
+    await settled(ms, 2)
+    assert ms.results["match"] == 2
+
+    gw2, _, _ = await mirrored(
+        upstreams, gateway, streamer(b"1"), streamer(b"2"), compare={"body": "json"}
+    )
+    ms2 = stats_of(gw2)
+    await get_all(gw2, 1, "/json")
+    await get_all(gw2, 1, "/big")
+    await settled(ms2, 2)
+    assert ms2.results["body_mismatch"] == 2
+    json_case, big_case = ms2.recent
+    assert [(d.path, d.primary, d.shadow) for d in json_case.json_paths] == [("$.last", "1", "2")]
+    assert big_case.json_paths == () and big_case.digests[0] != big_case.digests[1]

@@ -89,6 +89,7 @@ class Shadows:
         self.mirrors = mirrors
         self.upstreams = Upstreams(config)  # separate EndpointPools: never a user's slot
         self.floors: dict[tuple[str, str], NoiseFloor] = {}
+        self.live: set[Copy] = set()  # copies whose legs still run
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -113,6 +114,9 @@ class Shadows:
         return RouteMirror(self, rp, am, floor)
 
     async def close(self) -> None:
+        for copy in list(self.live):
+            for leg in copy.legs:
+                leg.finish("graygate shut down")
         await self.upstreams.close()
 
 
@@ -167,7 +171,8 @@ class RouteMirror:
             if int(declared) > self.config.max_body_bytes:
                 self.stats.drop("max_body_bytes")
                 return None
-        return Copy(self, ex)
+        copy = Copy(self, ex)
+        return None if copy.dead else copy  # dropped at once: the exchange need not feed it
 
 
 class Copy:
@@ -226,10 +231,12 @@ class Copy:
             self.launch()
 
     def primary_head(self, status: int, headers: Headers) -> None:
-        self.primary.head(status, headers)
+        if not self.dead:
+            self.primary.head(status, headers)
 
     def primary_body(self, data: bytes | memoryview) -> None:
-        self.primary.body(data)
+        if not self.dead:
+            self.primary.body(data)
 
     def primary_end(self, complete: bool) -> None:
         self.primary_seen = True
@@ -258,6 +265,7 @@ class Copy:
             return
         stats.inflight += 1
         sh = rm.shadows
+        sh.live.add(self)
         data = [self.head(ex), *self.body]
         self.body = []
         pools = [rm.target] if rm.stable_pool is None else [rm.target, rm.stable_pool]
@@ -308,21 +316,23 @@ class Copy:
         self.left -= 1
         if self.left == 0:
             self.rm.stats.inflight -= 1
+            self.rm.shadows.live.discard(self)
             if self.primary_seen:
                 self.judge()
 
     def judge(self) -> None:
         rm = self.rm
         stats = rm.stats
+        legs, self.legs = self.legs, []  # each leg holds its copy: break the cycle
         if not self.primary_ok:
             stats.drop("primary_incomplete")
             return
         rules = rm.config.compare
         primary = self.primary.capture
-        canary = self.legs[0]
+        canary = legs[0]
         result: Comparison = compare(primary, canary.rec.capture, rules)
         if rm.floor is not None and result.result != "shadow_error":
-            baseline = compare(primary, self.legs[1].rec.capture, rules)
+            baseline = compare(primary, legs[1].rec.capture, rules)
             if baseline.result != "shadow_error":
                 rm.floor.observe(result, baseline)
             result = rm.floor.judge(result)
