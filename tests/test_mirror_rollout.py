@@ -303,3 +303,134 @@ def test_resume_restarts_a_mirror_step_from_zero():
     resumed = resume(pause(state), now=500.0)
     assert resumed.rollout.step_started == 500.0
     assert (resumed.rollout.mirror_samples, resumed.rollout.mirror_mismatches) == (0, 0)
+
+
+# ---- the stores: a mirror step and its totals survive a restart -------------------------------
+
+
+def mirror_state() -> RouteState:
+    _route, state = rollout([MIRROR, 10, 100])
+    ro = replace(state.rollout, mirror_samples=321, mirror_mismatches=4)
+    return replace(state, rollout=ro, revision=7)
+
+
+def test_file_store_round_trip(tmp_path):
+    from proxy.control.store.file import FileStateStore
+
+    store = FileStateStore(tmp_path / "state.json")
+    state = mirror_state()
+    store.save({"shop": state}, [])
+    loaded = FileStateStore(tmp_path / "state.json").load()
+    assert loaded is not None
+    assert loaded[0]["shop"] == state
+    assert loaded[0]["shop"].rollout.steps[0] == MirrorStep(600.0, 20.0, 0.01, 200)
+
+
+async def test_redis_store_round_trip(redis_server):
+    from proxy.control.store.redis import RedisStateStore
+
+    store = RedisStateStore(redis_server.url, "gg-mirror-test")
+    assert await store.open() is None
+    try:
+        state = mirror_state()
+        assert await store.save({"shop": state}, []) == []
+        assert (await store.load_routes(["shop"]))["shop"] == state
+    finally:
+        await store.close()
+
+
+# ---- the controller: windows of a real Mirrors, accumulated over the step ---------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller_setup(steps: list[object]):
+    from proxy.control.controller import Controller
+    from proxy.control.source import LocalSource
+    from proxy.control.store.events import EventLog
+    from proxy.control.store.writer import LocalWriter
+    from proxy.core.mirror import Mirrors
+    from proxy.core.state import PolicyStore
+    from proxy.core.stats import Stats
+
+    cfg = parse_config(config(steps, failure_limit=1))
+    store = PolicyStore(cfg)
+    clock = Clock(1000.0)
+    store.replace("shop", start(cfg.routes[0], store.state("shop"), "green", None, 1000.0))
+    mirrors = Mirrors.from_config(cfg)
+    stats = Stats.from_config(cfg)
+    events = EventLog(clock=clock)
+    source = LocalSource(stats, mirrors)
+    controller = Controller(
+        store, lambda r: source, LocalWriter(store), events, lambda: None, stats,
+        clock=clock, mirrors=mirrors,
+    )  # fmt: skip
+    return controller, store, events, clock, mirrors, stats
+
+
+def shadows(mirrors, n: int, differing: int, at: float) -> None:
+    from proxy.core.mirror import JsonDiff, Mismatch
+
+    ms = mirrors.get("shop", "green")
+    for i in range(n):
+        if i < differing:
+            m = Mismatch(
+                at + i / 1000, "shop", "green", "GET", f"/p/{i}", "body_mismatch",
+                (200, 200), (), (JsonDiff("$.price", "10", "11"),), ("a", "b"),
+            )  # fmt: skip
+            ms.record("body_mismatch", 0.01, m)
+        else:
+            ms.record("match", 0.01, None)
+
+
+async def test_controller_accumulates_the_step_and_advances_after_its_duration():
+    step = {"mirror": "3s", "percent": 50, "max_mismatch_ratio": 0.05, "min_samples": 100}
+    controller, store, events, clock, mirrors, stats = controller_setup([step, 50, 100])
+    shadows(mirrors, 500, 0, 999.0)  # before the step's window opened: not counted
+    await controller.step_all()  # opens the window
+    for t in (1001.0, 1002.0):
+        shadows(mirrors, 60, 1, t - 0.5)
+        clock.now = t
+        await controller.step_all()
+    assert [e.action for e in events.since(0)] == ["rollout.hold", "rollout.hold"]
+    ro = store.state("shop").rollout
+    assert (ro.step, ro.mirror_samples, ro.mirror_mismatches) == (0, 120, 2)
+    assert dict(store.state("shop").weights)["green"] == 0
+    assert stats.verdicts() == [] or all(not sum(c.values()) for _, c in stats.verdicts())
+    shadows(mirrors, 30, 0, 1002.5)
+    clock.now = 1003.0
+    await controller.step_all()
+    last = events.since(0)[-1]
+    assert last.action == "rollout.advance"
+    assert last.figures is not None
+    assert last.figures["mirror_samples"] == 150 and last.figures["mirror_mismatches"] == 2
+    assert [m["path"] for m in last.figures["mismatches"]] == ["/p/0", "/p/0"]
+    assert dict(store.state("shop").weights) == {"blue": 50, "green": 50}
+    assert dict(stats.verdicts())["shop"]["pass"] == 1
+
+
+async def test_controller_fails_the_step_early_with_the_evidence():
+    step = {"mirror": "10m", "percent": 50, "max_mismatch_ratio": 0.01, "min_samples": 100}
+    controller, store, events, clock, mirrors, stats = controller_setup([step, 100])
+    await controller.step_all()
+    shadows(mirrors, 200, 20, 1000.5)
+    clock.now = 1001.0
+    await controller.step_all()
+    (event,) = events.since(0)
+    assert event.action == "rollout.rollback"
+    assert event.reason is not None
+    assert "no user request was served by green" in event.reason
+    assert event.figures is not None
+    assert len(event.figures["mismatches"]) == 5
+    assert event.figures["mismatches"][-1]["path"] == "/p/19"
+    state = store.state("shop")
+    assert state.rollout.phase == "rolled_back"
+    assert state.rollout.last_verdict is not None
+    assert state.rollout.last_verdict["mismatches"] == event.figures["mismatches"]
+    assert dict(stats.verdicts())["shop"]["fail"] == 1
