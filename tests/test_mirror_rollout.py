@@ -434,3 +434,18 @@ async def test_controller_fails_the_step_early_with_the_evidence():
     assert state.rollout.last_verdict is not None
     assert state.rollout.last_verdict["mismatches"] == event.figures["mismatches"]
     assert dict(stats.verdicts())["shop"]["fail"] == 1
+
+
+def test_a_refusing_gate_holds_a_passed_mirror_step_with_the_totals_it_judged():
+    from proxy.core.rollout import hold_at_gate
+
+    route, state = rollout([MIRROR, 10, 100])
+    judged = mirror_verdict(900, 2, 600.0, STEP, 0.99)
+    held = hold_at_gate(state, "confirm_step", 503, None, judged, now=700.0)
+    assert held.action == "gate_hold"
+    assert held.state.rollout.step == 0
+    assert (held.state.rollout.mirror_samples, held.state.rollout.mirror_mismatches) == (900, 2)
+    assert dict(held.state.weights)["green"] == 0
+    # The next window adds to those totals and passes again: the gate is asked again.
+    again = decide(route, held.state, mirror_verdict(960, 2, 630.0, STEP, 0.99), now=730.0)
+    assert again.action == "advance"

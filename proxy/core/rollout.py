@@ -215,9 +215,13 @@ def hold_at_gate(
 ) -> Decision:
     """`gate` refused (`status`, not 2xx) or gave no answer (`error`): stay at the step and
     never fail. The window had passed, so the failure and inconclusive counts clear; the
-    next window that passes asks the gate again."""
+    next window that passes asks the gate again (a mirror step keeps the totals it judged)."""
     ro = state.rollout
     since = ro.paused_by_gate.get("since", now) if ro.paused_by_gate else now
+    figures = judgement.figures if judgement is not None else {}
+    samples, mismatches = figures.get("mirror_samples"), figures.get("mirror_mismatches")
+    if isinstance(samples, int) and isinstance(mismatches, int):
+        ro = replace(ro, mirror_samples=samples, mirror_mismatches=mismatches)
     held = replace(
         state,
         rollout=replace(
