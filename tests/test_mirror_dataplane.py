@@ -9,9 +9,11 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import web
 from conftest import free_port, raw_request, route_config
 
@@ -388,3 +390,26 @@ async def test_streamed_and_large_bodies_are_captured_whole(upstreams, gateway):
     json_case, big_case = ms2.recent
     assert [(d.path, d.primary, d.shadow) for d in json_case.json_paths] == [("$.last", "1", "2")]
     assert big_case.json_paths == () and big_case.digests[0] != big_case.digests[1]
+
+
+async def test_reload_keeps_the_counters_and_applies_the_new_mirror(upstreams, gateway):
+    same = json_handler(lambda r: {"n": 1})
+    gw, _, green = await mirrored(upstreams, gateway, same, same)
+    ms = stats_of(gw)
+    await get_all(gw, 2)
+    await settled(ms, 2)
+    path = gw.app.config_path
+    data = yaml.safe_load(Path(path).read_text())
+    data["routes"][0]["mirror"]["percent"] = 0  # mirroring off
+    Path(path).write_text(yaml.safe_dump(data))
+    await gw.app.reload()
+    assert stats_of(gw) is ms and gw.app.gateway.runtime.routes["shop"].mirror is None
+    await get_all(gw, 2)
+    await asyncio.sleep(0.1)
+    assert ms.results["match"] == 2 and len(green.requests) == 2
+    data["routes"][0]["mirror"]["percent"] = 100
+    Path(path).write_text(yaml.safe_dump(data))
+    await gw.app.reload()
+    await get_all(gw, 1)
+    await settled(ms, 3)
+    assert ms.results["match"] == 3
