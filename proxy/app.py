@@ -299,7 +299,7 @@ class App:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(time.monotonic())
+            self.gateway.sweep_idle(time.monotonic())
 
     def replica(self) -> ReplicaRow:
         if self.redis is None:

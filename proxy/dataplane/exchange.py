@@ -375,9 +375,9 @@ class Exchange:
             a.parser = None
             self.attempt = None
         self.pending = []
-        if self.shadow is not None:
+        if self.shadow is not None:  # the primary's head is the attempt's final one
             done = a is not None and (a.complete or a.until_close) and a.status == status
-            self.shadow.primary_end(done)
+            self.shadow.primary_end(done, a.status if a else 0, a.resp_headers if a else [])
             self.shadow = None
         self.leave_version(status, perf_counter() - self.started)
         if self.gw.access_log:

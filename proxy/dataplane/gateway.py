@@ -141,6 +141,11 @@ class Gateway:
         self.shadows.reconfigure(config)  # its Mirrors too
         self.stats.reconfigure(config)
 
+    def sweep_idle(self, now: float) -> None:
+        """Close pooled connections idle too long: the users' and the shadows'."""
+        self.upstreams.sweep_idle(now)
+        self.shadows.upstreams.sweep_idle(now)
+
     def on_policy(self, policy: RoutingPolicy) -> None:
         self.runtime = build_runtime(policy, self.upstreams, self.stats, self.shadows)
 

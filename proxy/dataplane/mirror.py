@@ -230,17 +230,14 @@ class Copy:
         if not self.dead and self.ex is not None:
             self.launch()
 
-    def primary_head(self, status: int, headers: Headers) -> None:
-        if not self.dead:
-            self.primary.head(status, headers)
-
     def primary_body(self, data: bytes | memoryview) -> None:
         if not self.dead:
             self.primary.body(data)
 
-    def primary_end(self, complete: bool) -> None:
+    def primary_end(self, complete: bool, status: int, headers: Headers) -> None:
         self.primary_seen = True
         self.primary_ok = complete
+        self.primary.head(status, headers)
         self.primary.finish(complete)
         if self.dead:
             return

@@ -138,8 +138,6 @@ class ResponseReader:
             self.resp_length = -1
             self.resp_te = False
             return
-        if ex.shadow is not None:
-            ex.shadow.primary_head(status, self.resp_headers)
         # llhttp forgets keep-alive once the message is done: read it now.
         self.upstream_keep_alive = bool(parser.should_keep_alive())
         no_body = ex.method == b"HEAD" or status in NO_BODY_STATUS

@@ -217,7 +217,7 @@ class Worker:
         assert self.gateway is not None
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(time.monotonic())
+            self.gateway.sweep_idle(time.monotonic())
 
     # -- the end ----------------------------------------------------------------------------
     async def shutdown(self) -> None:
