@@ -412,3 +412,23 @@ async def test_prometheus_mirror_window_sums_every_replica_without_drops(prom):
         'sum by (result) (increase(graygate_mirror_requests_total{route="shop", '
         'version="green", result!="dropped"}[3000ms]))'
     )
+
+
+async def test_status_of_a_route_shows_the_last_decision(admin, capsys):
+    from dataclasses import replace
+
+    from proxy.control import ctl
+    from proxy.core.analysis import mirror_verdict
+    from proxy.core.rollout import decide
+
+    admin.start_mirror_step()
+    route = admin.config.routes[0]
+    state = admin.store.state("shop")
+    step = state.rollout.steps[0]
+    d = decide(route, state, mirror_verdict(120, 1, 30.0, step, 0.99), now=AT + 30)
+    admin.store.replace("shop", replace(d.state, revision=state.revision))
+    assert await ctl.status(admin.url, None, False, "shop") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (
+        "last decision: mirror step runs 570s more (1 of 120 shadow answers differed so far)"
+    )

@@ -157,6 +157,9 @@ def _show_route(data: dict[str, Any]) -> None:
             )
         )
     print(_table(("VERSION", "WEIGHT", "REQUESTS", "ERRORS", "ERROR RATE", "ENDPOINTS"), rows))
+    last = s["rollout"].get("last_verdict")
+    if isinstance(last, dict) and last.get("message"):
+        print(f"last decision: {last['message']}")
 
 
 def _change(e: dict[str, Any]) -> str:
