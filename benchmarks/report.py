@@ -214,7 +214,7 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"target: {t['figure']} ratio {t['bound']}: {_fmt(t['value'], 3)} ({verdict})"
             )
-        for key in ("churn", "rollback"):
+        for key in ("churn", "rollback", "mirror_cost"):
             if sc.get(key):
                 lines.append(
                     f"{key}: "

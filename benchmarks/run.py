@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks import report
+from benchmarks import mirror, report
 from benchmarks.procs import (
     ROUTE,
     GraygateConfig,
@@ -69,6 +69,7 @@ SCENARIOS = (
     "churn-weights",
     "churn-rollback",
     WORKERS_SCENARIO,
+    mirror.SCENARIO,
 )
 VARIANTS = ("direct", "graygate", "nginx")
 # A returning user: graygate hashes its cohort cookie, nginx's split_clients reads the same.
@@ -602,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench.run_workers(progress)
                 elif s in matrix:
                     bench.run_matrix(s, progress)
+                elif s == mirror.SCENARIO:
+                    mirror.run(bench, progress)
                 elif s == "churn-weights":
                     bench.churn_weights(progress)
                 else:
@@ -619,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         t = sc.get("target")
         if t:
             print(
-                f"{name}: graygate/nginx {t['figure']} {t['value']} (target {t['bound']})",
+                f"{name}: {t.get('label', 'graygate/nginx')} {t['figure']} {t['value']} "
+                f"(target {t['bound']})",
                 file=sys.stderr,
             )
     return 0

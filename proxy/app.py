@@ -35,6 +35,7 @@ from proxy.control.store.writer import LocalWriter, StateUnavailable, StateWrite
 from proxy.control.supervisor import Supervisor, read_your_writes
 from proxy.core.config.load import load_config
 from proxy.core.config.model import Config, ConfigError
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.listener import Listener
@@ -99,6 +100,7 @@ class App:
             raise StartupError(str(exc)) from exc
         await self._open_state()
         self.stats = Stats.from_config(config)
+        self.mirrors = Mirrors.from_config(config)  # shadow copies: counters and mismatches
         if config.workers == 1:
             await self._open_gateway()  # the data plane in this process, as always
         else:
@@ -106,7 +108,7 @@ class App:
         await self._open_admin()
         if self.supervisor is not None:
             await self._start_workers()
-        self.sources = Sources(self.stats)
+        self.sources = Sources(self.stats, self.mirrors)
         self.stack.push_async_callback(self.sources.close)
         self.controller = Controller(
             self.store,
@@ -116,6 +118,7 @@ class App:
             self.persist,
             self.stats,
             should_run=self.redis.holds_lease if self.redis is not None else None,
+            mirrors=self.mirrors,
         )
         self._spawn(self.controller.run())
 
@@ -178,7 +181,9 @@ class App:
                 self.persist()
 
     async def _open_gateway(self) -> None:
-        self.listener = Listener(self.config, self.store, self.stats, asyncio.get_running_loop())
+        self.listener = Listener(
+            self.config, self.store, self.stats, self.mirrors, asyncio.get_running_loop()
+        )
         self.gateway = self.listener.gateway
         self.stack.push_async_callback(self.gateway.close)
         try:
@@ -202,7 +207,9 @@ class App:
                 server_context(self.config.listen_tls)
             except ConfigError as exc:
                 raise StartupError(str(exc)) from exc
-        self.supervisor = Supervisor(self.config, self.store, self.stats, self.events, self.persist)
+        self.supervisor = Supervisor(
+            self.config, self.store, self.stats, self.events, self.persist, mirrors=self.mirrors
+        )
         self.stack.push_async_callback(self.supervisor.close)
         try:
             self.supervisor.reserve()
@@ -227,6 +234,7 @@ class App:
                 lambda: self.store.policy,
                 lambda: self.gateway.upstreams.endpoint_states(loop.time()),
                 get_replica=self.replica,
+                mirrors=self.mirrors,
             )
         else:
             registry = make_registry(
@@ -235,6 +243,7 @@ class App:
                 supervisor.reports.endpoint_states,
                 worker_restarts=lambda: supervisor.restarts,
                 get_replica=self.replica,
+                mirrors=self.mirrors,
             )
         assert self.notifier is not None
         registry.register(NotificationCollector(self.notifier.rows))
@@ -247,6 +256,7 @@ class App:
             token=config.admin.token,
             ready=lambda: self.serving and not self.draining,  # workers up, not draining
             stats=self.stats,
+            mirrors=self.mirrors,
             listen_host=config.admin.listen.host,
             allowed_hosts=config.admin.allowed_hosts,
             writer=self.writer,
@@ -307,6 +317,7 @@ class App:
         if self.notifier is not None:
             await self.notifier.reconfigure(config.notifications)
         self.admin_ctx.allowed_hosts = config.admin.allowed_hosts  # listen waits for a restart
+        self.mirrors.reconfigure(config)  # before the policy that may shadow a new route
         if self.supervisor is not None:
             # The workers get the config with the states (one message each) and apply it
             # whole; the file was valid, so it is every worker or, above, none.

@@ -17,9 +17,9 @@ import uvloop
 
 from proxy import __version__
 from proxy.build import BUILD
-from proxy.control import ctl
+from proxy.control import ctl, ctl_mirror
 from proxy.control.logs import LOG_FORMATS, configure
-from proxy.core.config.describe import describe
+from proxy.core.config.describe import config_warnings, describe
 from proxy.core.config.load import load_config
 from proxy.core.config.model import ConfigError
 from proxy.dataplane.tls import server_context
@@ -50,6 +50,8 @@ def _check(ns: argparse.Namespace) -> int:
         print(f"graygate: {ns.config}: {exc}", file=sys.stderr)
         return 2
     print(describe(config))
+    for warning in config_warnings(config):
+        print(f"graygate: warning: {warning}", file=sys.stderr)
     print(f"graygate: configuration file {ns.config} is valid")
     return 0
 
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the config file's JSON Schema")
     p.set_defaults(func=_schema)
 
-    ctl.add_arguments(sub)
+    ctl_mirror.add_parser(sub, ctl.add_arguments(sub))
     return parser
 
 

@@ -332,3 +332,13 @@ def test_the_oversized_list_names_only_oversized_modules() -> None:
             if isinstance(n, ast.ClassDef)
         ]
         assert lines > MAX_MODULE_LINES or max(classes, default=0) > MAX_CLASS_LINES, name
+
+
+def test_the_architecture_map_lists_every_module() -> None:
+    """docs/architecture.md's module tables are written by scripts/architecture.py from the
+    docstrings; a module added or removed without rerunning it fails here."""
+    import subprocess
+
+    script = ROOT / "scripts" / "architecture.py"
+    run = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert (run.returncode, run.stdout) == (0, "")

@@ -34,6 +34,10 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     # Beyond section 6: several replicas (README, "Running several replicas").
     "graygate_state_store_up": ("gauge", {"backend"}),
     "graygate_controller_leader": ("gauge", set()),
+    # DESIGN.md section 8a: shadow traffic, every (route, version) pre-initialised.
+    "graygate_mirror_requests": ("counter", {"route", "version", "result"}),
+    "graygate_mirror_duration_seconds": ("histogram", {"route", "version"}),
+    "graygate_mirror_dropped": ("counter", {"route", "version", "cause"}),
 }
 # Beyond DESIGN.md section 6, with samples only when `notifications:` are configured
 # (tests/test_notify.py checks their values).
@@ -52,6 +56,13 @@ SAMPLE_NAMES = {
     },
     "graygate_upstream_errors": {"graygate_upstream_errors_total"},
     "graygate_rollout_verdicts": {"graygate_rollout_verdicts_total"},
+    "graygate_mirror_requests": {"graygate_mirror_requests_total"},
+    "graygate_mirror_duration_seconds": {
+        "graygate_mirror_duration_seconds_bucket",
+        "graygate_mirror_duration_seconds_count",
+        "graygate_mirror_duration_seconds_sum",
+    },
+    "graygate_mirror_dropped": {"graygate_mirror_dropped_total"},
 }
 
 

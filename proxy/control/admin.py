@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.control import handlers, openapi
+from proxy.control import handlers, openapi, shadows
 from proxy.control.api import API, CTX, SERIES, AdminContext, ApiError, error_body, json_response
 from proxy.control.guard import bearer_auth, host_guard
 from proxy.control.series import Series
@@ -126,5 +126,6 @@ def make_admin_app(ctx: AdminContext) -> web.Application:
     r.add_get(API + "/stats", handlers.get_stats)
     r.add_post(API + "/reload", handlers.reload)
     r.add_get(API + "/routes/{route}/series", handlers.get_series)
+    r.add_get(API + "/routes/{route}/mirror", shadows.get_mirror)
     r.add_get(API + "/openapi.json", _openapi)
     return app

@@ -16,6 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 from proxy.control.series import Series
 from proxy.control.store.events import EventLog, json_safe
 from proxy.control.store.writer import StateWriter
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore, RouteState
 from proxy.core.stats import Stats
 
@@ -37,6 +38,7 @@ class AdminContext:
     allowed_hosts: tuple[str, ...] = ()  # admin.allowed_hosts, normalised by the config
     # Where a change becomes durable before it is answered; None: this process (LocalWriter).
     writer: StateWriter | None = None
+    mirrors: Mirrors | None = None  # shadow counters and mismatches (GET .../mirror)
 
 
 CTX = web.AppKey("graygate_admin_ctx", AdminContext)

@@ -17,8 +17,9 @@ from proxy.control.gates import GateAnswer, GateKeeper
 from proxy.control.source import MetricsSource, SourceError, Window
 from proxy.control.store.events import EventLog
 from proxy.control.store.writer import LeaseLost, StateUnavailable, StateWriter
-from proxy.core.analysis import Figure, Judgement, verdict
-from proxy.core.config.model import RouteConfig, WeightStep
+from proxy.core.analysis import Figure, Judgement, mirror_verdict, verdict
+from proxy.core.config.model import MirrorStep, RouteConfig, WeightStep
+from proxy.core.mirror import Mirrors
 from proxy.core.rollout import Decision, decide, gate_for, hold_at_gate
 from proxy.core.state import PolicyError, PolicyStore, RouteState
 from proxy.core.stats import Stats
@@ -26,6 +27,7 @@ from proxy.core.stats import Stats
 logger = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # after a decision the store refused: not every tick
+EVIDENCE = 5  # recent mismatches a mirror step's decision carries in its event
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         tick: float = 0.2,
         should_run: Callable[[], bool] | None = None,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.store = store
         self.source_for = source_for
@@ -64,6 +67,7 @@ class Controller:
         # Shared state (redis): only the replica holding the lease may step rollouts.
         self.should_run = should_run
         self._marks: dict[str, _Mark] = {}
+        self.mirrors = mirrors  # the evidence a mirror step's events carry
         self.gates = GateKeeper()  # rollout.gates: webhook calls the loop never awaits
 
     async def run(self) -> None:
@@ -108,10 +112,72 @@ class Controller:
         if end - mark.start < route.rollout.interval or now < mark.not_before:
             return None
         steps = ro.steps or route.rollout.steps
+        current = steps[ro.step] if 0 <= ro.step < len(steps) else None
         judgement: Judgement | None = None
-        if 0 <= ro.step < len(steps) and isinstance(steps[ro.step], WeightStep):
+        if isinstance(current, WeightStep):
             judgement = await self.judge(route, state, source, mark.start, end)
+        elif isinstance(current, MirrorStep):
+            judgement = await self.judge_mirror(route, state, current, source, mark.start, end)
         return await self.apply(route, state, judgement, source, mark, end)
+
+    async def judge_mirror(
+        self,
+        route: RouteConfig,
+        state: RouteState,
+        step: MirrorStep,
+        source: MetricsSource,
+        start: float,
+        end: float,
+    ) -> Judgement:
+        """The mirror step's running totals plus this window's shadows, judged whole."""
+        ro = state.rollout
+        assert ro.canary is not None
+        window_figures: dict[str, Figure] = {
+            "window_start": round(start, 3),
+            "window_end": round(end, 3),
+        }
+        try:
+            window = await source.mirror_window(route, ro.canary, start, end)
+        except SourceError as exc:
+            logger.warning("rollout %s: mirror window not read: %s", route.name, exc)
+            self.stats.count_verdict(route.name, "need_more_samples")
+            return Judgement("need_more_samples", (str(exc),), window_figures)
+        judged = mirror_verdict(
+            ro.mirror_samples + window.samples,
+            ro.mirror_mismatches + window.mismatches,
+            end - ro.step_started,
+            step,
+            route.rollout.analysis.confidence,
+        )
+        window_figures["window_samples"] = window.samples
+        window_figures["window_mismatches"] = window.mismatches
+        remaining = judged.figures.get("mirror_remaining")
+        if judged.verdict != "need_more_samples" or not remaining:
+            self.stats.count_verdict(route.name, judged.verdict)  # a running step has none yet
+        return replace(judged, figures={**judged.figures, **window_figures})
+
+    def with_evidence(self, route: RouteConfig, state: RouteState, decision: Decision) -> Decision:
+        """A mirror step's decision carries the canary's last mismatches of this step."""
+        ro = state.rollout
+        steps = ro.steps or route.rollout.steps
+        if self.mirrors is None or not (0 <= ro.step < len(steps)):
+            return decision
+        if not isinstance(steps[ro.step], MirrorStep):
+            return decision
+        rows = [
+            m.to_json()
+            for m in self.mirrors.recent(route.name)
+            if m.version == ro.canary and m.at >= ro.step_started
+        ][-EVIDENCE:]
+        if not rows:
+            return decision
+        new_ro = decision.state.rollout
+        record = {**(new_ro.last_verdict or {}), "mismatches": rows}
+        return replace(
+            decision,
+            state=replace(decision.state, rollout=replace(new_ro, last_verdict=record)),
+            figures={**decision.figures, "mismatches": rows},
+        )
 
     async def judge(
         self, route: RouteConfig, state: RouteState, source: MetricsSource, start: float, end: float
@@ -142,7 +208,7 @@ class Controller:
         mark: _Mark,
         end: float,
     ) -> Decision | None:
-        decision = decide(route, state, judgement, self.clock())
+        decision = self.with_evidence(route, state, decide(route, state, judgement, self.clock()))
         gate = gate_for(route, decision)
         if gate is not None:  # nothing changes until the gate answers (answer_gate)
             self.gates.ask(route, state, gate, judgement, decision)
@@ -162,7 +228,7 @@ class Controller:
             return None  # the state moved meanwhile (an operator acted): judge afresh
         now = self.clock()
         if answer.approved:
-            decision = decide(route, state, answer.judgement, now)
+            decision = self.with_evidence(route, state, decide(route, state, answer.judgement, now))
         else:
             decision = hold_at_gate(
                 state, answer.gate, answer.status, answer.error, answer.judgement, now

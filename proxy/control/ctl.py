@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import yaml
 
 from proxy.core.config.model import ConfigError
 from proxy.core.config.rollout import parse_steps
@@ -156,6 +157,9 @@ def _show_route(data: dict[str, Any]) -> None:
             )
         )
     print(_table(("VERSION", "WEIGHT", "REQUESTS", "ERRORS", "ERROR RATE", "ENDPOINTS"), rows))
+    last = s["rollout"].get("last_verdict")
+    if isinstance(last, dict) and last.get("message"):
+        print(f"last decision: {last['message']}")
 
 
 def _change(e: dict[str, Any]) -> str:
@@ -275,7 +279,7 @@ async def rollout(
     action: str,
     route: str,
     canary: str | None,
-    steps: list[int] | None,
+    steps: list[object] | None,
     json_out: bool,
     reason: str | None = None,
 ) -> int:
@@ -312,11 +316,23 @@ async def rollback(
 # ---- argparse ------------------------------------------------------------------------------
 
 
-def _steps_arg(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected weights like 5,10,50, got {text!r}") from None
+def _steps_arg(text: str) -> list[object]:
+    """`5,10,50,100`, or a YAML list for pause and mirror entries:
+    `[{mirror: 10m, percent: 20}, 5, 50, 100]`."""
+    steps: list[object]
+    if text.lstrip().startswith("["):
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise argparse.ArgumentTypeError(f"--steps is not a YAML list: {exc}") from None
+        steps = loaded if isinstance(loaded, list) else [loaded]
+    else:
+        try:
+            steps = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected weights like 5,10,50 or a YAML list, got {text!r}"
+            ) from None
     try:
         parse_steps(steps, "--steps")  # the config file's rule and message
     except ConfigError as exc:
@@ -348,7 +364,10 @@ async def _rollback_cmd(ns: argparse.Namespace) -> int:
     return await rollback(ns.admin, ns.token, ns.route, ns.json, ns.reason)
 
 
-def add_arguments(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_arguments(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """The admin commands; returns their common options (--admin, --token, --json)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--admin",
@@ -382,7 +401,11 @@ def add_arguments(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("action", choices=ROLLOUT_ACTIONS)
     p.add_argument("route")
     p.add_argument("--canary", help="version to roll out (start; default the non-stable one)")
-    p.add_argument("--steps", type=_steps_arg, help="canary weights, e.g. 5,10,50,100 (start)")
+    p.add_argument(
+        "--steps",
+        type=_steps_arg,
+        help="canary weights, e.g. 5,10,50,100, or a YAML list: '[{mirror: 10m}, 5, 100]' (start)",
+    )
     p.add_argument("--reason", help="recorded in the event log")
     p.set_defaults(func=_rollout_cmd)
 
@@ -392,3 +415,4 @@ def add_arguments(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("route")
     p.add_argument("--reason", help="recorded in the event log")
     p.set_defaults(func=_rollback_cmd)
+    return common

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from proxy.core.mirror import Mirrors
 from proxy.core.state import ROLLOUT_PHASES, RouteState
 from proxy.core.stats import BUCKETS, Stats
 
@@ -39,6 +40,10 @@ WORKER_RESTARTS = "graygate_worker_restarts_total"  # only with workers > 1
 # Several replicas: whether this one reaches its state store and runs the controller.
 STATE_STORE_UP = "graygate_state_store_up"
 CONTROLLER_LEADER = "graygate_controller_leader"
+# Shadow traffic (route `mirror:` and mirror rollout steps); version is the shadow's.
+MIRROR_REQUESTS = "graygate_mirror_requests_total"
+MIRROR_DURATION = "graygate_mirror_duration_seconds"
+MIRROR_DROPPED = "graygate_mirror_dropped_total"
 
 # str(float) matches the client library's own `le` formatting for these bounds ("0.0005", "1.0").
 _LE = (*(str(b) for b in BUCKETS), "+Inf")
@@ -210,6 +215,55 @@ def _replica_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
     )
 
 
+class MirrorCollector(Collector):
+    """Shadow copies per (route, shadow version), rendered from core.mirror.Mirrors at
+    scrape time: every result and drop cause pre-initialised, answer durations on the
+    request histogram's buckets."""
+
+    def __init__(self, mirrors: Mirrors) -> None:
+        self._mirrors = mirrors
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                MIRROR_REQUESTS,
+                "Shadow copies by result: match, status/header/body mismatch, shadow_error "
+                "(no usable answer), dropped (not sent or not compared).",
+                labels=("route", "version", "result"),
+            ),
+            HistogramMetricFamily(
+                MIRROR_DURATION,
+                "Time from sending a shadow copy to the end of its answer, in seconds.",
+                labels=("route", "version"),
+            ),
+            CounterMetricFamily(
+                MIRROR_DROPPED,
+                "Shadow copies not compared, by cause (max_inflight, max_body_bytes, "
+                "primary_incomplete).",
+                labels=("route", "version", "cause"),
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        requests, duration, dropped = self._families()
+        for route, version, ms in self._mirrors.items():
+            for result, n in list(ms.results.items()):
+                requests.add_metric((route, version, result), n)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for le, n in zip(_LE, list(ms.bucket_counts), strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            duration.add_metric((route, version), buckets, ms.duration_sum)
+            for cause, n in list(ms.dropped.items()):
+                dropped.add_metric((route, version, cause), n)
+        yield from (requests, duration, dropped)
+
+
 class WorkerCollector(Collector):
     """The supervisor's own figures (workers > 1)."""
 
@@ -230,9 +284,12 @@ def make_registry(
     get_endpoints: Callable[[], Iterable[EndpointRow]],
     get_replica: Callable[[], ReplicaRow] | None = None,
     worker_restarts: Callable[[], int] | None = None,
+    mirrors: Mirrors | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(GraygateCollector(stats, get_policy, get_endpoints, get_replica))
+    if mirrors is not None:
+        registry.register(MirrorCollector(mirrors))
     if worker_restarts is not None:
         registry.register(WorkerCollector(worker_restarts))
     return registry

@@ -11,6 +11,7 @@ import contextlib
 
 from proxy.control.children import WorkerProcess
 from proxy.core import figures
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import EndpointRow, Figures
@@ -20,9 +21,14 @@ class WorkerReports:
     """The books over the supervisor's worker slots (the same list, updated in place)."""
 
     def __init__(
-        self, stats: Stats, store: PolicyStore, workers: list[WorkerProcess | None]
+        self,
+        stats: Stats,
+        mirrors: Mirrors | None,
+        store: PolicyStore,
+        workers: list[WorkerProcess | None],
     ) -> None:
         self.stats = stats
+        self.mirrors = mirrors  # the workers' shadow copies add up here
         self.store = store
         self.workers = workers
         self.loop = asyncio.get_running_loop()
@@ -30,6 +36,8 @@ class WorkerReports:
 
     def merge(self, w: WorkerProcess, message: Figures) -> None:
         figures.merge(self.stats, message.versions)
+        if message.mirrors and self.mirrors is not None:
+            figures.merge_mirrors(self.mirrors, message.mirrors)
         w.inflight = figures.inflight_of(message.versions)
         figures.set_inflight(self.stats, self._inflight_reports())
         if message.endpoints is not None:

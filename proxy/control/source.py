@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.control.metrics import DURATION, REQUESTS
+from proxy.control.metrics import DURATION, MIRROR_REQUESTS, REQUESTS
 from proxy.core.analysis import Histogram, Sample
 from proxy.core.config.model import PrometheusConfig, RouteConfig, SourceName
+from proxy.core.mirror import Mirrors
 from proxy.core.stats import Stats
 
 
@@ -32,6 +33,17 @@ class Window:
     canary: Sample
     stable: Sample
     start: float  # wall-clock seconds; the outcomes observed in [start, end]
+    end: float
+
+
+@dataclass(frozen=True)
+class MirrorWindow:
+    """The canary's shadow answers compared in [start, end] and those that differed
+    (shadow_error included); dropped copies are no samples."""
+
+    samples: int
+    mismatches: int
+    start: float
     end: float
 
 
@@ -51,6 +63,10 @@ class MetricsSource(Protocol):
         self, route: RouteConfig, canary: str, stable: str, start: float, end: float
     ) -> Window: ...
 
+    async def mirror_window(
+        self, route: RouteConfig, canary: str, start: float, end: float
+    ) -> MirrorWindow: ...
+
 
 class LocalSource:
     """This process's own observations (the same ones /metrics renders). A window holds
@@ -58,8 +74,9 @@ class LocalSource:
 
     name: SourceName = "local"
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, mirrors: Mirrors | None = None) -> None:
         self.stats = stats
+        self.mirrors = mirrors
 
     def lag(self, route: RouteConfig) -> float:
         return 0.0
@@ -67,7 +84,17 @@ class LocalSource:
     def begin(self, route: RouteConfig, start: float, now: float) -> float:
         for version in route.version_names:
             self.stats.take_window(route.name, version)
+            if self.mirrors is not None:
+                self.mirrors.get(route.name, version).take_window()
         return now
+
+    async def mirror_window(
+        self, route: RouteConfig, canary: str, start: float, end: float
+    ) -> MirrorWindow:
+        if self.mirrors is None:
+            raise SourceError("this process counts no shadow answers")
+        samples, mismatches = self.mirrors.get(route.name, canary).take_window()
+        return MirrorWindow(samples, mismatches, start, end)
 
     async def window(
         self, route: RouteConfig, canary: str, stable: str, start: float, end: float
@@ -157,6 +184,39 @@ class PrometheusSource:
             end,
         )
 
+    def mirror_query(self, route: RouteConfig, canary: str, start: float, end: float) -> str:
+        matchers = [f"route={_quote(route.name)}", f"version={_quote(canary)}"]
+        if self.config.replicas_selector:
+            matchers.append(self.config.replicas_selector)
+        sel = ", ".join([*matchers, 'result!="dropped"'])
+        rng = _seconds(end - start)
+        return f"sum by (result) (increase({MIRROR_REQUESTS}{{{sel}}}[{rng}]))"
+
+    async def mirror_window(
+        self, route: RouteConfig, canary: str, start: float, end: float
+    ) -> MirrorWindow:
+        """Every replica's shadows of `canary` judged as one: increase() per result."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                rows = await self._query(self.mirror_query(route, canary, start, end), end)
+        except TimeoutError:
+            raise SourceError(
+                f"prometheus {self.config.url} did not answer within {self.config.timeout:g}s "
+                f"(mirror window {start:.3f}-{end:.3f})"
+            ) from None
+        if not rows:
+            raise SourceError(
+                f"prometheus {self.config.url} has no {MIRROR_REQUESTS} data for route "
+                f"{route.name!r} version {canary!r} in window {start:.3f}-{end:.3f}"
+            )
+        samples = mismatches = 0
+        for row in rows:
+            n = round(_value(row))
+            samples += n
+            if row.get("metric", {}).get("result") != "match":
+                mismatches += n
+        return MirrorWindow(samples, mismatches, start, end)
+
     async def _query(self, query: str, at: float) -> list[dict[str, Any]]:
         url = f"{self.config.url}/api/v1/query"
         try:
@@ -225,8 +285,8 @@ class Sources:
     """One LocalSource and one PrometheusSource per distinct prometheus config, sharing
     an HTTP session that lives as long as the controller (`close`)."""
 
-    def __init__(self, stats: Stats) -> None:
-        self.local = LocalSource(stats)
+    def __init__(self, stats: Stats, mirrors: Mirrors | None = None) -> None:
+        self.local = LocalSource(stats, mirrors)
         self._session: aiohttp.ClientSession | None = None
         self._prometheus: dict[PrometheusConfig, PrometheusSource] = {}
 

@@ -23,6 +23,7 @@ from proxy.control.children import SupervisorError, WorkerProcess
 from proxy.control.reports import WorkerReports
 from proxy.control.store.events import EventLog
 from proxy.core.config.model import Config
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore, RoutingPolicy
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import (
@@ -60,6 +61,7 @@ class Supervisor:
         persist: Callable[[], None],
         ack_deadline: float = ACK_DEADLINE,
         flush_interval: float = FLUSH_INTERVAL,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.config = config
         self.count = config.workers
@@ -77,7 +79,7 @@ class Supervisor:
         self.port = 0
         self.address = ""
         self._sent_config = store.policy.config
-        self.reports = WorkerReports(stats, store, self.workers)
+        self.reports = WorkerReports(stats, mirrors, store, self.workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting_standby = False
         store.subscribe(self.on_policy)

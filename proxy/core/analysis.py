@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
 
-from proxy.core.config.model import AnalysisConfig
+from proxy.core.config.model import AnalysisConfig, MirrorStep
 
 Verdict = Literal["pass", "fail", "need_more_samples"]
 Figure = float | int | None
@@ -165,6 +165,52 @@ def verdict(canary: Sample, stable: Sample, cfg: AnalysisConfig) -> Judgement:
                 )
 
     return Judgement("fail" if reasons else "pass", tuple(reasons), figures)
+
+
+def mirror_verdict(
+    samples: int, mismatches: int, elapsed: float, step: MirrorStep, confidence: float
+) -> Judgement:
+    """Judge a mirror step on every shadow answer compared since it began (a shadow_error
+    counts as a mismatch: a canary that cannot answer differs from stable).
+
+    Below ``min_samples``: need_more_samples. Then ``fail`` as soon as the Wilson lower
+    bound of the mismatch ratio at ``confidence`` is above ``max_mismatch_ratio``, ``pass``
+    once ``elapsed`` reaches the step's duration. Otherwise need_more_samples with the
+    figure ``mirror_remaining`` > 0: the step is still running (decide holds, uncounted).
+
+    >>> step = MirrorStep(600.0, max_mismatch_ratio=0.01, min_samples=200)
+    >>> mirror_verdict(400, 0, 600.0, step, 0.99).verdict
+    'pass'
+    >>> mirror_verdict(400, 20, 30.0, step, 0.99).reasons[0]
+    '20 of 400 shadow answers differed (5.00%), above the 1.00% limit (lower bound 3.01%)'
+    >>> mirror_verdict(400, 2, 30.0, step, 0.99).figures["mirror_remaining"]
+    570.0
+    """
+    if not 0 <= mismatches <= samples:
+        raise ValueError(f"need 0 <= mismatches <= samples, got {mismatches}/{samples}")
+    remaining = max(0.0, step.seconds - elapsed)
+    figures: dict[str, Figure] = {
+        "confidence": confidence,
+        "mirror_samples": samples,
+        "mirror_mismatches": mismatches,
+        "mismatch_ratio": mismatches / samples if samples else None,
+        "mismatch_lower_bound": None,
+        "max_mismatch_ratio": step.max_mismatch_ratio,
+        "min_samples": step.min_samples,
+        "mirror_elapsed": round(elapsed, 3),
+        "mirror_remaining": round(remaining, 3),
+    }
+    if samples < step.min_samples:
+        return Judgement("need_more_samples", (), figures)
+    lower = wilson_lower(mismatches, samples, _NORMAL.inv_cdf(confidence))
+    figures["mismatch_lower_bound"] = lower
+    if lower > step.max_mismatch_ratio:
+        reason = (
+            f"{mismatches} of {samples} shadow answers differed ({mismatches / samples:.2%}), "
+            f"above the {step.max_mismatch_ratio:.2%} limit (lower bound {lower:.2%})"
+        )
+        return Judgement("fail", (reason,), figures)
+    return Judgement("pass" if remaining <= 0 else "need_more_samples", (), figures)
 
 
 def histogram_latencies(histogram: Histogram, limit: int = HISTOGRAM_SAMPLES) -> tuple[float, ...]:

@@ -1,7 +1,7 @@
-"""Figures that cross processes with `workers: N`: a worker takes what its Stats counted
-since the last batch (take), the supervisor adds the batch into its own Stats (merge), so
-/metrics and the rollout window see every request. Pure: plain values in and out; the
-hot path (VersionStats.record) is untouched, a batch swaps the counters out whole.
+"""Figures that cross processes with `workers: N`: a worker takes what its Stats and Mirrors
+counted since the last batch (take, take_mirrors), the supervisor adds the batch into its own
+(merge, merge_mirrors), so /metrics, the API and the rollout see every request and shadow.
+Pure: plain values in and out; the hot path is untouched, a batch swaps counters out whole.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from proxy.core.mirror import DROP_CAUSES, RESULTS, DropCause, MirrorResult, Mirrors, Mismatch
 from proxy.core.stats import BUCKETS, UPSTREAM_ERROR_KINDS, Stats
 
 Pair = tuple[str, str]  # (route, version)
@@ -99,3 +100,69 @@ def set_inflight(stats: Stats, per_worker: Iterable[Mapping[Pair, int]]) -> None
             totals[pair] = totals.get(pair, 0) + n
     for route, version, vs in stats.items():
         vs.inflight = totals.get((route, version), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorDelta:
+    """What one (route, shadow version) of one worker's Mirrors counted since its previous
+    batch, with the mismatches it recorded meanwhile (oldest first)."""
+
+    route: str
+    version: str
+    results: dict[MirrorResult, int]
+    dropped: dict[DropCause, int]
+    buckets: list[int]  # per bucket, not cumulative, len(BUCKETS) + 1
+    duration_sum: float
+    window_samples: int
+    window_mismatches: int
+    recent: list[Mismatch]
+
+
+def take_mirrors(mirrors: Mirrors) -> list[MirrorDelta]:
+    """As `take`, for shadow copies; a pair that counted nothing is left out. The worker's
+    own recent mismatches leave with the batch (the supervisor keeps the route's last 50)."""
+    out: list[MirrorDelta] = []
+    for route, version, ms in mirrors.items():
+        if not any(ms.results.values()) and not ms.recent:
+            continue
+        results, ms.results = ms.results, dict.fromkeys(RESULTS, 0)
+        dropped, ms.dropped = ms.dropped, dict.fromkeys(DROP_CAUSES, 0)
+        buckets, ms.bucket_counts = ms.bucket_counts, [0] * (len(BUCKETS) + 1)
+        duration_sum, ms.duration_sum = ms.duration_sum, 0.0
+        samples, mismatches = ms.take_window()
+        recent = list(ms.recent)
+        ms.recent.clear()
+        out.append(
+            MirrorDelta(
+                route,
+                version,
+                {k: n for k, n in results.items() if n},
+                {k: n for k, n in dropped.items() if n},
+                buckets,
+                duration_sum,
+                samples,
+                mismatches,
+                recent,
+            )
+        )
+    return out
+
+
+def merge_mirrors(mirrors: Mirrors, deltas: Iterable[MirrorDelta]) -> None:
+    """Add a worker's shadow batch into the supervisor's Mirrors (a pair a reload removed
+    meanwhile is dropped, as for requests)."""
+    for d in deltas:
+        try:
+            ms = mirrors.get(d.route, d.version)
+        except KeyError:
+            continue
+        for result, n in d.results.items():
+            ms.results[result] += n
+        for cause, n in d.dropped.items():
+            ms.dropped[cause] += n
+        for i, n in enumerate(d.buckets):
+            ms.bucket_counts[i] += n
+        ms.duration_sum += d.duration_sum
+        ms.window_samples += d.window_samples
+        ms.window_mismatches += d.window_mismatches
+        ms.recent.extend(d.recent)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.core.analysis import Judgement
-from proxy.core.config.model import GateName, PauseStep, RouteConfig, Step, WeightStep
+from proxy.core.config.model import GateName, MirrorStep, PauseStep, RouteConfig, Step, WeightStep
 from proxy.core.state import PolicyError, RolloutStatus, RouteState
 
 Action = Literal[
@@ -77,6 +77,9 @@ def decide(
         action: Action = "promote" if new.rollout.phase == "promoted" else "advance"
         return _decision(new, action, f"pause of {step.seconds:g}s is over", judgement, now)
 
+    if isinstance(step, MirrorStep):
+        return _decide_mirror(route, state, step, judgement, now)
+
     if verdict == "pass":
         cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
         new = _enter(cleared, steps, ro.step + 1, now)
@@ -119,6 +122,75 @@ def decide(
     return _decision(counted, "hold", msg, judgement, now)
 
 
+def _decide_mirror(
+    route: RouteConfig, state: RouteState, step: MirrorStep, judgement: Judgement | None, now: float
+) -> Decision:
+    """A mirror step (the canary at weight 0, `step.percent` of requests shadowed to it).
+    `judgement` is analysis.mirror_verdict over the step's running totals, which it carries
+    in its figures, so deciding twice on one judgement (a gate's answer) counts nothing
+    twice. fail / pass / need_more_samples after the duration count like a weight step's
+    windows; while the step runs without failing it holds, uncounted."""
+    ro = state.rollout
+    policy = route.rollout
+    canary = ro.canary
+    figures = judgement.figures if judgement is not None else {}
+    samples, mismatches = figures.get("mirror_samples"), figures.get("mirror_mismatches")
+    read = isinstance(samples, int) and isinstance(mismatches, int)
+    if read:
+        ro = replace(ro, mirror_samples=int(samples or 0), mirror_mismatches=int(mismatches or 0))
+    totals = f"{ro.mirror_mismatches} of {ro.mirror_samples} shadow answers differed"
+    unseen = f"no user request was served by {canary}"
+    # A window that could not be read is inconclusive, as on a weight step.
+    verdict = judgement.verdict if judgement is not None and read else None
+
+    if verdict == "fail" and judgement is not None:
+        failures = ro.failures + 1
+        counted = replace(state, rollout=replace(ro, failures=failures, inconclusive=0))
+        why = "; ".join(judgement.reasons)
+        if failures < policy.failure_limit:
+            msg = (
+                f"canary {canary} failed the mirror step ({failures}/{policy.failure_limit}): {why}"
+            )
+            return _decision(counted, "fail", msg, judgement, now)
+        if policy.on_failure == "pause":
+            new = replace(
+                counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+            )
+            msg = f"canary {canary} failed the mirror step, rollout paused ({unseen}): {why}"
+            return _decision(new, "pause", msg, judgement, now)
+        msg = f"canary {canary} failed the mirror step, rolled back ({unseen}): {why}"
+        return _decision(_rolled_back(counted), "rollback", msg, judgement, now)
+
+    if verdict == "pass":
+        cleared = replace(state, rollout=replace(ro, failures=0, inconclusive=0))
+        new = _enter(cleared, ro.steps or route.rollout.steps, ro.step + 1, now)
+        action: Action = "promote" if new.rollout.phase == "promoted" else "advance"
+        msg = f"canary {canary} passed the mirror step ({totals}), step {ro.step + 1}"
+        return _decision(new, action, msg, judgement, now)
+
+    remaining = figures.get("mirror_remaining")
+    if verdict is not None and isinstance(remaining, int | float) and remaining > 0:
+        held = replace(state, rollout=replace(ro, failures=0))
+        msg = f"mirror step runs {remaining:.0f}s more ({totals} so far)"
+        return _decision(held, "hold", msg, judgement, now)
+
+    inconclusive = ro.inconclusive + 1
+    counted = replace(state, rollout=replace(ro, inconclusive=inconclusive))
+    reasons = "; ".join(judgement.reasons) if judgement is not None else ""
+    if not read:
+        what = f"mirror window not read ({reasons})" if reasons else "mirror window not read"
+    else:
+        what = reasons or f"too few shadow answers ({ro.mirror_samples} of {step.min_samples})"
+    if inconclusive >= policy.max_inconclusive:
+        new = replace(
+            counted, rollout=replace(counted.rollout, phase="paused", paused_by_gate=None)
+        )
+        msg = f"{what} for {inconclusive} windows, rollout paused ({unseen})"
+        return _decision(new, "pause", msg, judgement, now)
+    msg = f"{what} ({inconclusive}/{policy.max_inconclusive}), holding the mirror step"
+    return _decision(counted, "hold", msg, judgement, now)
+
+
 def gate_for(route: RouteConfig, decision: Decision) -> GateName | None:
     """The webhook gate that must answer 2xx before `decision` is applied, if any: a step
     forward asks `confirm_step`, a promotion `confirm_promotion`. Manual calls are never
@@ -143,9 +215,13 @@ def hold_at_gate(
 ) -> Decision:
     """`gate` refused (`status`, not 2xx) or gave no answer (`error`): stay at the step and
     never fail. The window had passed, so the failure and inconclusive counts clear; the
-    next window that passes asks the gate again."""
+    next window that passes asks the gate again (a mirror step keeps the totals it judged)."""
     ro = state.rollout
     since = ro.paused_by_gate.get("since", now) if ro.paused_by_gate else now
+    figures = judgement.figures if judgement is not None else {}
+    samples, mismatches = figures.get("mirror_samples"), figures.get("mirror_mismatches")
+    if isinstance(samples, int) and isinstance(mismatches, int):
+        ro = replace(ro, mirror_samples=samples, mirror_mismatches=mismatches)
     held = replace(
         state,
         rollout=replace(
@@ -203,7 +279,15 @@ def resume(state: RouteState, now: float) -> RouteState:
         raise _conflict(f"cannot resume: rollout is {ro.phase}")
     going = replace(
         state,
-        rollout=replace(ro, phase="progressing", failures=0, inconclusive=0, step_started=now),
+        rollout=replace(
+            ro,
+            phase="progressing",
+            failures=0,
+            inconclusive=0,
+            step_started=now,
+            mirror_samples=0,
+            mirror_mismatches=0,
+        ),
     )
     if at_gate:
         return _enter(going, ro.steps, ro.step + 1, now)
@@ -241,12 +325,22 @@ def _enter(state: RouteState, steps: tuple[Step, ...], index: int, now: float) -
     """Enter step `index` with its weight (a pause keeps the current one); past the end: promote."""
     if index >= len(steps):
         return _promoted(state, now)
-    ro = replace(state.rollout, steps=steps, step=index, step_started=now, paused_by_gate=None)
+    ro = replace(
+        state.rollout,
+        steps=steps,
+        step=index,
+        step_started=now,
+        paused_by_gate=None,
+        mirror_samples=0,
+        mirror_mismatches=0,
+    )
     step = steps[index]
     weights = state.weights
     canary = ro.canary
     if canary is not None and isinstance(step, WeightStep):
         weights = _split(state, canary, step.weight)
+    elif canary is not None and isinstance(step, MirrorStep):
+        weights = _split(state, canary, 0)  # shadows only: no user reaches the canary
     elif canary is not None and index == 0:
         weights = _split(state, canary, 0)  # a rollout that opens with a pause starts dark
     return replace(state, weights=weights, rollout=ro)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from proxy.core.config.model import Config, ConfigError, ForceRule, Reason, RouteConfig, Step
+from proxy.core.config.rollout import steps_from_json, steps_to_json
 from proxy.core.config.routes import parse_weights
 from proxy.core.hosts import compile_pattern
+from proxy.core.mirror import ActiveMirror, active_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class RolloutStatus:
     # Set while a rollout gate (rollout.gates) refused or did not answer: {gate, status,
     # error, at}; the step is held, never failed. Cleared when a step is entered.
     paused_by_gate: dict[str, object] | None = None
+    # A mirror step's shadow answers compared, and those that differed, since it began.
+    mirror_samples: int = 0
+    mirror_mismatches: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,38 +85,23 @@ class RouteState:
 
 
 def rollout_to_json(r: RolloutStatus) -> dict[str, object]:
-    from proxy.core.config.model import PauseStep, WeightStep
-
-    steps: list[object] = []
-    for s in r.steps:
-        if isinstance(s, WeightStep):
-            steps.append(s.weight)
-        elif isinstance(s, PauseStep):
-            steps.append({"pause": True if s.seconds is None else s.seconds})
     return {
         "state": r.phase,
         "canary": r.canary,
-        "steps": steps,
+        "steps": steps_to_json(r.steps),
         "step": r.step,
         "step_started": r.step_started,
         "failures": r.failures,
         "inconclusive": r.inconclusive,
         "last_verdict": r.last_verdict,
         "paused_by_gate": r.paused_by_gate,
+        "mirror_samples": r.mirror_samples,
+        "mirror_mismatches": r.mirror_mismatches,
     }
 
 
 def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
-    from proxy.core.config.model import PauseStep, WeightStep
-
-    steps: list[Step] = []
-    raw_steps = d.get("steps") or []
-    for s in raw_steps if isinstance(raw_steps, list | tuple) else []:
-        if isinstance(s, int) and not isinstance(s, bool):
-            steps.append(WeightStep(s))
-        elif isinstance(s, dict):
-            p = s.get("pause")
-            steps.append(PauseStep(None if p is True else _float(p, 0.0)))
+    steps = steps_from_json(d.get("steps"))
     phase = str(d.get("state", "idle"))
     if phase not in ROLLOUT_PHASES:
         raise ValueError(f"unknown rollout state {phase!r}")
@@ -128,6 +118,8 @@ def rollout_from_json(d: Mapping[str, object]) -> RolloutStatus:
         inconclusive=_int(d.get("inconclusive"), 0),
         last_verdict=dict(verdict) if isinstance(verdict, dict) else None,
         paused_by_gate=dict(gate) if isinstance(gate, dict) else None,
+        mirror_samples=_int(d.get("mirror_samples"), 0),
+        mirror_mismatches=_int(d.get("mirror_mismatches"), 0),
     )
 
 
@@ -182,6 +174,7 @@ class RoutePolicy:
     host_exact: str | None
     host_suffix: str | None  # "*.example.com" -> ".example.com"; "*" leaves both None
     path_prefix: str
+    mirror: ActiveMirror | None = None  # shadow copies in force: route mirror or mirror step
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +231,7 @@ def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
         cumulative.append((stable, 100))
     host_exact, host_suffix = compile_pattern(route.match.host)
     salt = (sticky.salt if sticky is not None and sticky.salt else route.name).encode()
+    ro = state.rollout
     return RoutePolicy(
         config=route,
         state=state,
@@ -253,6 +247,7 @@ def compile_route(route: RouteConfig, state: RouteState) -> RoutePolicy:
         host_exact=host_exact,
         host_suffix=host_suffix,
         path_prefix=route.match.path_prefix,
+        mirror=active_mirror(route, stable, canary, ro.phase, ro.steps, ro.step),
     )
 
 

@@ -238,6 +238,8 @@ class Attempt(ResponseReader):
             data = data[: self.body_left]
             self.overrun()
         self.body_left = max(left, 0)
+        if self.ex.shadow is not None:
+            self.ex.shadow.primary_body(data)
         if self.out:
             self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
             self.flush()

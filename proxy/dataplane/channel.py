@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from proxy.core.config.model import Config
-from proxy.core.figures import VersionDelta
+from proxy.core.figures import MirrorDelta, VersionDelta
 from proxy.core.state import RouteState
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Figures:
     versions: list[VersionDelta]
     endpoints: list[EndpointRow] | None  # None: unchanged since the previous batch
     final: bool = False  # the last batch before a drained worker exits
+    mirrors: list[MirrorDelta] | None = None  # shadow copies counted since the last batch
 
 
 Message = Hello | Policy | Serve | Drain | Ready | Failed | Ack | Figures

@@ -19,7 +19,7 @@ from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
 from proxy.dataplane.gateway import Gateway, RouteRuntime
 from proxy.dataplane.response import LAST_CHUNK
-from proxy.dataplane.sides import PAUSE_BUFFER, Sink
+from proxy.dataplane.sides import PAUSE_BUFFER, Sink, Tap
 from proxy.dataplane.upstream import EndpointPool, UpstreamError, VersionPool
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Exchange:
         "reason",
         "retries",
         "rr",
+        "shadow",
         "started",
         "target",
         "tried",
@@ -145,9 +146,12 @@ class Exchange:
         self.attempt: Attempt | None = None
         self.started = 0.0
         self.deadline = 0.0
+        self.shadow: Tap | None = None  # the mirrored copy (dataplane/mirror.py)
 
     # -- request body, fed by the client side ---------------------------------------------
     def request_body(self, data: bytes) -> None:
+        if self.shadow is not None:
+            self.shadow.request_body(data)
         if self.chunked:
             frame: tuple[bytes, ...] = (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -173,6 +177,8 @@ class Exchange:
 
     def request_end(self) -> None:
         self.body_done = True
+        if self.shadow is not None:
+            self.shadow.request_end()
         if self.chunked:
             a = self.attempt
             conn = a.conn if a is not None else None
@@ -245,6 +251,8 @@ class Exchange:
             gw.replace_for,
             client.scheme,
         )
+        if rr.mirror is not None:
+            self.shadow = rr.mirror.copy(self)
         self.forward(ep)
 
     def use_version(self, version: str, reason: str, now: float) -> EndpointPool | None:
@@ -367,6 +375,10 @@ class Exchange:
             a.parser = None
             self.attempt = None
         self.pending = []
+        if self.shadow is not None:  # the primary's head is the attempt's final one
+            done = a is not None and (a.complete or a.until_close) and a.status == status
+            self.shadow.primary_end(done, a.status if a else 0, a.resp_headers if a else [])
+            self.shadow = None
         self.leave_version(status, perf_counter() - self.started)
         if self.gw.access_log:
             log_access(self, status)

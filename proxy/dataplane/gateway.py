@@ -14,8 +14,10 @@ from typing import Protocol
 
 from proxy.core.config.model import Config
 from proxy.core.hosts import host_name, matches
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore, RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats
+from proxy.dataplane.mirror import RouteMirror, Shadows
 from proxy.dataplane.upstream import Upstreams, VersionPool
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # in host_name() form
@@ -35,6 +37,7 @@ class RouteRuntime:
     cookie_suffix: bytes  # b"; Path=/; Max-Age=...; HttpOnly; SameSite=Lax"
     failover: bool
     retries: int
+    mirror: RouteMirror | None = None  # shadow copies (dataplane/mirror.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,9 @@ class Runtime:
     routes: dict[str, RouteRuntime]
 
 
-def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> Runtime:
+def build_runtime(
+    policy: RoutingPolicy, upstreams: Upstreams, stats: Stats, shadows: Shadows | None = None
+) -> Runtime:
     routes: dict[str, RouteRuntime] = {}
     vh = policy.config.version_header
     for rp in policy.routes:
@@ -70,6 +75,7 @@ def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> 
             cookie_suffix=suffix,
             failover=cfg.failover,
             retries=cfg.retries,
+            mirror=shadows.route(rp) if shadows is not None else None,
         )
     return Runtime(policy, routes)
 
@@ -91,11 +97,14 @@ class Gateway:
         store: PolicyStore,
         stats: Stats,
         loop: asyncio.AbstractEventLoop | None = None,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
         self.stats = stats
         self.upstreams = Upstreams(config)
+        self.mirrors = mirrors if mirrors is not None else Mirrors.from_config(config)
+        self.shadows = Shadows(config, self.mirrors, self.loop)  # pools of their own
         self.connections: set[Connection] = set()
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and the last connection closed
@@ -103,7 +112,7 @@ class Gateway:
         self.date = b""  # RFC 9110 6.6.1 Date for answers that have none; see refresh_date
         self.refresh_date()
         self.apply_config(config)
-        self.runtime: Runtime = build_runtime(store.policy, self.upstreams, stats)
+        self.runtime: Runtime = build_runtime(store.policy, self.upstreams, stats, self.shadows)
         store.subscribe(self.on_policy)
 
     def apply_config(self, config: Config) -> None:
@@ -129,10 +138,16 @@ class Gateway:
         """Reload: new pools and stats first, then the store swaps the policy (on_policy)."""
         self.apply_config(config)
         self.upstreams.reconfigure(config)
+        self.shadows.reconfigure(config)  # its Mirrors too
         self.stats.reconfigure(config)
 
+    def sweep_idle(self, now: float) -> None:
+        """Close pooled connections idle too long: the users' and the shadows'."""
+        self.upstreams.sweep_idle(now)
+        self.shadows.upstreams.sweep_idle(now)
+
     def on_policy(self, policy: RoutingPolicy) -> None:
-        self.runtime = build_runtime(policy, self.upstreams, self.stats)
+        self.runtime = build_runtime(policy, self.upstreams, self.stats, self.shadows)
 
     def is_foreign(self, host: str) -> bool:
         """An absolute-form target naming a host we do not serve: never proxied."""
@@ -173,3 +188,4 @@ class Gateway:
         for conn in list(self.connections):
             conn.close()
         await self.upstreams.close()
+        await self.shadows.close()

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 from proxy.core.config.model import Config, TlsConfig
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import DownstreamProtocol
@@ -26,11 +27,16 @@ SWEEP_INTERVAL = 5.0  # idle upstream connections past their idle timeout are cl
 
 class Listener:
     def __init__(
-        self, config: Config, store: PolicyStore, stats: Stats, loop: asyncio.AbstractEventLoop
+        self,
+        config: Config,
+        store: PolicyStore,
+        stats: Stats,
+        mirrors: Mirrors,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.config = config
         self.loop = loop
-        self.gateway = Gateway(config, store, stats, loop)
+        self.gateway = Gateway(config, store, stats, loop, mirrors=mirrors)
         self.tls: ssl.SSLContext | None = None  # listen.tls; reloaded in place on SIGHUP
         self.server: asyncio.Server | None = None
 
@@ -67,7 +73,7 @@ class Listener:
     async def sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(time.monotonic())
+            self.gateway.sweep_idle(time.monotonic())
 
     def reload_tls(self, tls: TlsConfig | None) -> None:
         """New handshakes get the new certificate; open connections keep theirs. A bad

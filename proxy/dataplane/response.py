@@ -194,6 +194,8 @@ class ResponseReader:
         if self.complete:
             raise Overrun()  # a body on an answer to HEAD
         self.body_left -= len(data)
+        if self.ex.shadow is not None:
+            self.ex.shadow.primary_body(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:

@@ -31,6 +31,16 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class Tap(Protocol):
+    """A mirrored copy as its exchange feeds it (mirror.Copy): the request body, the
+    primary's answer as it streams, and the primary's end."""
+
+    def request_body(self, data: bytes) -> None: ...
+    def request_end(self) -> None: ...
+    def primary_body(self, data: bytes | memoryview) -> None: ...
+    def primary_end(self, complete: bool, status: int, headers: Headers) -> None: ...
+
+
 class Owner(Protocol):
     """The exchange as its attempt sees it: the request, and where the outcome goes."""
 
@@ -48,6 +58,7 @@ class Owner(Protocol):
     ended: bool
     deadline: float
     early: bytes  # bytes after an upgrade request, for the tunnel
+    shadow: Tap | None  # the mirrored copy of this request
 
     def attempt_done(self, status: int) -> None: ...
     def attempt_failed(self, exc: UpstreamError, retry_safe: bool) -> None: ...

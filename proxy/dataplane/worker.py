@@ -26,6 +26,7 @@ import uvloop
 
 from proxy.core import figures
 from proxy.core.config.model import ConfigError
+from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyError, PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import (
@@ -63,6 +64,7 @@ class Worker:
         self.pending: list[Policy] = []  # arrived before the store was built
         self.store: PolicyStore | None = None
         self.gateway: Gateway | None = None
+        self.mirrors: Mirrors | None = None  # shadow counters, batched like the Stats
         self.server: asyncio.Server | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.seq = 0
@@ -100,7 +102,8 @@ class Worker:
         self.store = PolicyStore(config, hello.states)
         self.seq = hello.seq
         self.stats = Stats.from_config(config)
-        self.gateway = Gateway(config, self.store, self.stats, self.loop)
+        self.mirrors = Mirrors.from_config(config)
+        self.gateway = Gateway(config, self.store, self.stats, self.loop, mirrors=self.mirrors)
         for policy in self.pending:
             self.apply(policy)
         self.pending.clear()
@@ -199,11 +202,14 @@ class Worker:
     def flush(self, final: bool = False) -> None:
         assert self.gateway is not None
         deltas = figures.take(self.stats)
+        shadows = figures.take_mirrors(self.mirrors) if self.mirrors is not None else []
         endpoints = self.gateway.upstreams.endpoint_states(self.loop.time())
         changed = endpoints != self.sent_endpoints
-        if deltas or self.sent_anything or changed or final:
+        if deltas or shadows or self.sent_anything or changed or final:
             # An empty batch after a busy one tells the supervisor nothing is in flight.
-            self.channel.send(Figures(deltas, endpoints if changed else None, final))
+            self.channel.send(
+                Figures(deltas, endpoints if changed else None, final, shadows or None)
+            )
             self.sent_endpoints = endpoints
         self.sent_anything = bool(deltas)
 
@@ -211,7 +217,7 @@ class Worker:
         assert self.gateway is not None
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.gateway.upstreams.sweep_idle(time.monotonic())
+            self.gateway.sweep_idle(time.monotonic())
 
     # -- the end ----------------------------------------------------------------------------
     async def shutdown(self) -> None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import urllib.parse
 
-from proxy.core.config.model import GATE_NAMES, Config, Step, WeightStep
+from proxy.core.config.mirror import mirror_warnings
+from proxy.core.config.model import GATE_NAMES, Config, MirrorStep, Step, WeightStep
 from proxy.core.config.values import format_duration
 
 
 def _describe_step(step: Step) -> str:
     if isinstance(step, WeightStep):
         return f"{step.weight}%"
+    if isinstance(step, MirrorStep):
+        return (
+            f"mirror {step.percent:g}% for {format_duration(step.seconds)} "
+            f"(max mismatch {step.max_mismatch_ratio:g}, min {step.min_samples} samples)"
+        )
     return "pause" if step.seconds is None else f"pause {format_duration(step.seconds)}"
 
 
@@ -64,4 +70,20 @@ def describe(config: Config) -> str:
                 lines.append(f"  gate {gate}: {host} (timeout {format_duration(g.timeout)})")
         if ro.analysis.prometheus is not None and ro.analysis.source == "prometheus":
             lines.append(f"  analysis source: prometheus {ro.analysis.prometheus.url}")
+        m = r.mirror
+        if m is not None:
+            noise = ", noise floor from stable" if m.noise else ""
+            lines.append(
+                f"  mirror: {m.percent:g}% of {', '.join(m.methods)} to {m.to}, "
+                f"compare body {m.compare.body}{noise}"
+            )
     return "\n".join(lines)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What `graygate check` warns about in a valid config."""
+    return [
+        w
+        for i, r in enumerate(config.routes)
+        for w in mirror_warnings(r.mirror, f"routes[{i}].mirror")
+    ]

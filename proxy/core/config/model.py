@@ -123,7 +123,18 @@ class WeightStep:
     weight: int  # canary weight 0..100
 
 
-Step = WeightStep | PauseStep
+@dataclass(frozen=True)
+class MirrorStep:
+    """Shadow traffic before any weight step: `percent` of the route's requests are copied
+    to the canary for `seconds`; passes when the mismatch ratio stays under the limit."""
+
+    seconds: float
+    percent: float = 10.0  # 0..100, 0.01 steps
+    max_mismatch_ratio: float = 0.01
+    min_samples: int = 200
+
+
+Step = WeightStep | PauseStep | MirrorStep
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,38 @@ class HealthCheckConfig:
     timeout: float = 2.0
 
 
+CompareBody = Literal["none", "digest", "json"]
+COMPARE_BODIES: tuple[CompareBody, ...] = ("none", "digest", "json")
+# Header values never stored in the mismatch evidence, whatever the config says.
+MIRROR_DENY_HEADERS: tuple[str, ...] = ("authorization", "cookie", "set-cookie")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    status: bool = True
+    headers: tuple[str, ...] = ("content-type",)  # lowercase names compared by value
+    body: CompareBody = "digest"
+    ignore_json_paths: tuple[str, ...] = ()  # "$.a.b", "$.items[*].id"
+    ignore_headers: tuple[str, ...] = ()  # lowercase; never compared
+    max_json_bytes: int = 1048576  # larger JSON bodies are compared by digest
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """Shadow copies of a route's requests (the user's answer never waits for them)."""
+
+    to: str = "canary"  # "canary" (the rollout's canary) or a version name
+    percent: float = 0.0  # of eligible requests outside a mirror step; 0..100
+    methods: tuple[str, ...] = ("GET", "HEAD")  # uppercase
+    max_body_bytes: int = 0  # requests with a larger body are not mirrored (counted)
+    max_inflight: int = 64  # shadow requests in flight per route; beyond: dropped, counted
+    host_suffix: str | None = None  # "-shadow": Host "shop" goes out as "shop-shadow"
+    forced: bool = False  # also mirror forced (tester) requests
+    timeout: float = 10.0  # a shadow answer slower than this is a shadow_error
+    noise: Literal["stable"] | None = None  # also copy to stable: Diffy-style noise floor
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     name: str
@@ -210,6 +253,7 @@ class RouteConfig:
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
     health_check: HealthCheckConfig | None = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    mirror: MirrorConfig | None = None
 
     def version(self, name: str) -> VersionConfig:
         for v in self.versions:

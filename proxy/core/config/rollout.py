@@ -14,8 +14,10 @@ from proxy.core.config.model import (
     REASONS,
     SOURCES,
     AnalysisConfig,
+    ConfigError,
     GateConfig,
     GatesConfig,
+    MirrorStep,
     PauseStep,
     PrometheusConfig,
     Reason,
@@ -43,13 +45,20 @@ from proxy.core.config.values import (
 # --- rollout -----------------------------------------------------------------------------------
 
 _ANALYSIS_KEYS = tuple(AnalysisConfig.__dataclass_fields__)
-_SOURCE_KEYS = ("source", "prometheus")  # the top-level `analysis:` holds only these
+_SOURCE_KEYS = ("source", "prometheus")
+_MIRROR_STEP_KEYS = tuple(
+    ("mirror", *(k for k in MirrorStep.__dataclass_fields__ if k != "seconds"))
+)  # the top-level `analysis:` holds only these
 
 
 def parse_steps(value: object, path: str) -> tuple[Step, ...]:
-    """Rollout steps: weights 1..100 strictly increasing, and pause entries. The one rule
-    for the config file, `POST .../rollout` and `graygate rollout start --steps`."""
-    help_ = "weights 1..100 and {pause: true} / {pause: <duration>} entries"
+    """Rollout steps: mirror entries first, then weights 1..100 strictly increasing, and
+    pause entries anywhere. The one rule for the config file, `POST .../rollout` and
+    `graygate rollout start --steps`."""
+    help_ = (
+        "weights 1..100, {pause: true} / {pause: <duration>} and "
+        "{mirror: <duration>, percent, max_mismatch_ratio, min_samples} entries"
+    )
     items = _list(value, path, help_)
     if not items:
         _fail(path, f"must be a non-empty list of {help_}")
@@ -57,8 +66,17 @@ def parse_steps(value: object, path: str) -> tuple[Step, ...]:
     last = 0
     for i, item in enumerate(items):
         p = f"{path}[{i}]"
+        if isinstance(item, dict) and "mirror" in item:
+            if last:
+                _fail(
+                    _key(p, "mirror"),
+                    "mirror steps must come before the first weight step "
+                    f"(an earlier step already sends {last}% of users to the canary)",
+                )
+            steps.append(_mirror_step(item, p))
+            continue
         if isinstance(item, dict):
-            pause = _table(item, p, ("pause",), ("pause",))["pause"]
+            pause = _table(item, p, ("pause", "mirror"), ("pause",))["pause"]
             if pause is True:
                 steps.append(PauseStep(None))
             elif pause is False or pause is None:
@@ -67,12 +85,73 @@ def parse_steps(value: object, path: str) -> tuple[Step, ...]:
                 steps.append(PauseStep(_positive_duration(pause, _key(p, "pause"))))
             continue
         if isinstance(item, bool) or not isinstance(item, int):
-            _fail(p, f"must be a weight 1..100 or a pause entry ({help_})", item)
+            _fail(p, f"must be a weight 1..100 or a pause or mirror entry ({help_})", item)
         weight = _int(item, p, 1, 100)
         if weight <= last:
             _fail(p, f"steps must increase; the previous weight step is {last}", weight)
         last = weight
         steps.append(WeightStep(weight))
+    return tuple(steps)
+
+
+def _mirror_step(item: dict[object, object], path: str) -> MirrorStep:
+    t = _table(item, path, _MIRROR_STEP_KEYS, ("mirror",))
+    d = MirrorStep(0.0)
+    return MirrorStep(
+        seconds=_positive_duration(t["mirror"], _key(path, "mirror")),
+        percent=_percent(t.get("percent", d.percent), _key(path, "percent")),
+        max_mismatch_ratio=_probability(
+            t.get("max_mismatch_ratio", d.max_mismatch_ratio), _key(path, "max_mismatch_ratio")
+        ),
+        min_samples=_int(t.get("min_samples", d.min_samples), _key(path, "min_samples"), 1),
+    )
+
+
+def _percent(value: object, path: str) -> float:
+    allowed = "0.01..100 in steps of 0.01"
+    p = _number(value, path, allowed)
+    if not 0.0 < p <= 100.0 or abs(round(p, 2) - p) > 1e-9:
+        _fail(path, f"must be {allowed}", value)
+    return round(p, 2)
+
+
+def steps_to_json(steps: tuple[Step, ...]) -> list[object]:
+    """Steps as parse_steps reads them (stored states, the API's answers)."""
+    out: list[object] = []
+    for s in steps:
+        if isinstance(s, WeightStep):
+            out.append(s.weight)
+        elif isinstance(s, PauseStep):
+            out.append({"pause": True if s.seconds is None else s.seconds})
+        else:
+            out.append(
+                {
+                    "mirror": s.seconds,
+                    "percent": s.percent,
+                    "max_mismatch_ratio": s.max_mismatch_ratio,
+                    "min_samples": s.min_samples,
+                }
+            )
+    return out
+
+
+def steps_from_json(raw: object) -> tuple[Step, ...]:
+    """Stored steps back (ValueError for a mirror entry that no longer parses: dropping it
+    would shift the step index)."""
+    steps: list[Step] = []
+    for s in raw if isinstance(raw, list | tuple) else []:
+        if isinstance(s, int) and not isinstance(s, bool):
+            steps.append(WeightStep(s))
+        elif isinstance(s, dict) and "mirror" in s:
+            try:
+                steps.append(_mirror_step(s, "steps"))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        elif isinstance(s, dict):
+            p = s.get("pause")
+            if p is not True and not isinstance(p, int | float | str | None):
+                raise ValueError(f"expected a pause duration, got {p!r}")
+            steps.append(PauseStep(None if p is True else float(p or 0.0)))
     return tuple(steps)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from proxy.core.config.mirror import parse_mirror
 from proxy.core.config.model import (
     BALANCES,
     ROLES,
@@ -59,6 +60,7 @@ _ROUTE_KEYS = (
     "outlier",
     "health_check",
     "rollout",
+    "mirror",
 )
 
 
@@ -271,4 +273,5 @@ def _route(value: object, path: str, inherited: AnalysisConfig | None = None) ->
         outlier=_outlier(t.get("outlier"), _key(path, "outlier")),
         health_check=_health_check(t.get("health_check"), _key(path, "health_check")),
         rollout=_rollout(t.get("rollout"), _key(path, "rollout"), inherited),
+        mirror=parse_mirror(t.get("mirror"), _key(path, "mirror"), names),
     )
