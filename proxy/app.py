@@ -229,22 +229,18 @@ class App:
         loop = asyncio.get_running_loop()
         supervisor = self.supervisor
         if supervisor is None:
-            registry = make_registry(
-                self.stats,
-                lambda: self.store.policy,
-                lambda: self.gateway.upstreams.endpoint_states(loop.time()),
-                get_replica=self.replica,
-                mirrors=self.mirrors,
-            )
+            endpoints = lambda: self.gateway.upstreams.endpoint_states(loop.time())  # noqa: E731
+            restarts = None
         else:
-            registry = make_registry(
-                self.stats,
-                lambda: self.store.policy,
-                supervisor.reports.endpoint_states,
-                worker_restarts=lambda: supervisor.restarts,
-                get_replica=self.replica,
-                mirrors=self.mirrors,
-            )
+            endpoints, restarts = supervisor.reports.endpoint_states, lambda: supervisor.restarts
+        registry = make_registry(
+            self.stats,
+            lambda: self.store.policy,
+            endpoints,
+            worker_restarts=restarts,
+            get_replica=self.replica,
+            mirrors=self.mirrors,
+        )
         assert self.notifier is not None
         registry.register(NotificationCollector(self.notifier.rows))
         ctx = AdminContext(
