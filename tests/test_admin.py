@@ -6,8 +6,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import raw_request, route_config
-from openapi_check import ResponseChecker
 
 from proxy.control.admin import make_admin_app
 from proxy.control.api import AdminContext
@@ -18,6 +16,8 @@ from proxy.control.store.file import FileStateStore
 from proxy.core.config.load import load_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
+from tests.helpers import raw_request, route_config
+from tests.helpers.openapi_check import ResponseChecker
 
 TOKEN = "s3cret-token"
 

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import read_framed_body, route_config
+
+from tests.helpers import read_framed_body, route_config
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 
 import pytest
-from conftest import metric_value, read_response, route_config
+
+from tests.helpers import metric_value, read_response, route_config
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 CONTROL = {

@@ -18,12 +18,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import RunningGateway, free_port, route_config, start_gateway, stop_gateway
-from conftest import version_app as make_version_app
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from proxy.control.api import SERIES
 from proxy.control.controller import _Mark
+from tests.helpers import RunningGateway, free_port, route_config, start_gateway, stop_gateway
+from tests.helpers import version_app as make_version_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import ROOT, route_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.control.admin import make_admin_app
@@ -29,6 +28,7 @@ from proxy.core.config.load import parse_config
 from proxy.core.config.model import Config
 from proxy.core.config.values import parse_duration
 from proxy.core.state import PolicyStore
+from tests.helpers import ROOT, route_config
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose"

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import read_framed_body, route_config
 
 from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol
 from proxy.dataplane.gateway import Gateway
+from tests.helpers import read_framed_body, route_config
 
 FAST = {
     "connect": "500ms",

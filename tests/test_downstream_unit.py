@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fakes import FakeTransport
-
 from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.upstream import UpstreamConnection
+from tests.helpers import FakeTransport
 
 
 def get(path: str) -> bytes:

@@ -23,10 +23,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import ROOT, Process, free_port, route_config
 
 from proxy import __version__
 from proxy.build import BUILD
+from tests.helpers import ROOT, Process, free_port, route_config
 
 # conftest's graygate_process leaves its log file handle to the garbage collector.
 MIB = 1024 * 1024

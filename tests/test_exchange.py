@@ -8,7 +8,8 @@ import logging
 
 import aiohttp
 import pytest
-from conftest import free_port, raw_request, route_config
+
+from tests.helpers import free_port, raw_request, route_config
 
 
 async def test_access_log_off_by_default_and_on_when_configured(

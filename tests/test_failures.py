@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port, route_config
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import free_port, route_config
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 QUICK_OUTLIER = {"consecutive_failures": 3, "base_ejection": "2s", "max_ejection": "10s"}

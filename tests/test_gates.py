@@ -33,7 +33,7 @@ from proxy.core.config.model import (
 )
 from proxy.core.rollout import decide, gate_for, hold_at_gate, pause, start
 from proxy.core.state import RouteState, rollout_from_json, rollout_to_json
-from tests.conftest import free_port, route_config
+from tests.helpers import free_port, route_config
 
 PASS = Judgement("pass", (), {"canary_requests": 300})
 

@@ -11,7 +11,8 @@ import time
 
 import aiohttp
 import pytest
-from conftest import route_config
+
+from tests.helpers import route_config
 
 HOSTILE_TIMEOUTS = {
     "connect": "500ms",

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from conftest import route_config
+
+from tests.helpers import route_config
 
 CLIENTS = 64
 DURATION = 10.0

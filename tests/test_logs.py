@@ -16,7 +16,7 @@ import aiohttp
 import yaml
 
 from proxy.control.logs import TEXT_FORMAT, JsonFormatter
-from tests.conftest import free_port, route_config, wait_port
+from tests.helpers import free_port, route_config, wait_port
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

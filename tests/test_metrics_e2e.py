@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.conftest import free_port, route_config
+from tests.helpers import free_port, route_config
 
 TIMEOUTS = {"connect": "500ms", "read": "2s", "request": "3s"}
 FORCE = [{"header": "X-Canary", "value": "always", "to": "canary"}]

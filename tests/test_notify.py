@@ -24,7 +24,7 @@ from proxy.control.store.events import EventLog
 from proxy.core.config.describe import describe
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import ConfigError, NotificationConfig
-from tests.conftest import free_port, route_config
+from tests.helpers import free_port, route_config
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -19,7 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port, raw_request, read_framed_body, route_config
+
+from tests.helpers import free_port, raw_request, read_framed_body, route_config
 
 # Small timeouts so a hang fails fast; `read` leaves room for the 1.5 s streaming pause.
 FAST = {"connect": "500ms", "read": "3s", "request": "5s"}

@@ -19,8 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import Process, RedisServer, free_port, route_config
 from test_rollout_e2e import Traffic, named, scrape
+
+from tests.helpers import Process, RedisServer, free_port, route_config
 
 SCRAPE = 1.0  # prometheus scrape interval, and the windows' lag
 INTERVAL = "3s"  # rollout interval: three scrapes per window

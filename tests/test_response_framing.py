@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 
 import pytest
-from conftest import metric_value, read_response, route_config
+
+from tests.helpers import metric_value, read_response, route_config
 
 FAST = {"connect": "500ms", "read": "2s", "request": "3s"}
 # A complete second response: relayed, the client would read it as its next answer.

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.router import bucket
-from tests.conftest import ROOT, free_port, route_config
+from tests.helpers import ROOT, free_port, route_config
 
 INTERVAL = 1.0
 FAILURE_LIMIT = 2

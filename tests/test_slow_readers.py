@@ -12,7 +12,7 @@ import random
 import socket
 import time
 
-from conftest import read_response, route_config
+from tests.helpers import read_response, route_config
 
 MIB = 1024 * 1024
 

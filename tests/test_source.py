@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
 
 from proxy.control.source import LocalSource, PrometheusSource, SourceError, Sources, _per_bucket
 from proxy.core.config.load import parse_config
 from proxy.core.stats import Stats
+from tests.helpers import free_port
 
 START, END = 1000.0, 1003.0
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Process, free_port, route_config
+
+from tests.helpers import Process, free_port, route_config
 
 
 def write_config(tmp_path: Path, **top: Any) -> tuple[Path, int, int]:

@@ -18,12 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from conftest import free_port, route_config
 
 from proxy.app import StartupError
 from proxy.control.store.redis import RedisStateError, RedisStateStore
 from proxy.control.store.writer import LeaseLost
 from proxy.core.state import RouteState
+from tests.helpers import free_port, route_config
 
 _prefixes = itertools.count()
 

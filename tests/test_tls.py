@@ -25,7 +25,7 @@ from proxy import cli
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import ConfigError, TlsConfig
 from proxy.dataplane.tls import reload_context, server_context
-from tests.conftest import ROOT, free_port, read_framed_body, route_config, wait_port
+from tests.helpers import ROOT, free_port, read_framed_body, route_config, wait_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

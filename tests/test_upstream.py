@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import free_port
 
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import Endpoint, Limits, OutlierConfig
@@ -26,6 +25,7 @@ from proxy.dataplane.upstream import (
     VersionPool,
     probe,
 )
+from tests.helpers import free_port
 
 NOW = 1000.0
 

@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import Process, free_port, read_framed_body, route_config
 
 from proxy.core.router import bucket
+from tests.helpers import Process, free_port, read_framed_body, route_config
 
 ACCESS = re.compile(
     r"graygate\.access\[(\d+)\]: \S+ \S+ (\S+) (\d+) route=(\S+) version=(\S+) reason=(\S+)"

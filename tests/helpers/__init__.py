@@ -1,0 +1,72 @@
+"""What the tests share as functions and classes (fixtures stay in conftest.py, which
+builds them from these). Import from here: `from tests.helpers import route_config`.
+
+- client: raw_request (send bytes, read until close), read_response / read_framed_body
+  (one response with exact HTTP/1.1 framing), RawClient and Resp (a raw connection), status_of
+- upstreams: Upstream and version_app (real aiohttp upstreams), ScriptedUpstream (a raw
+  loopback server that answers scripted bytes), read_request
+- builders: route_config
+- gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
+- waiting: wait_until
+- metrics: scrape_samples, metric_sum, metric_value (/metrics parsed by prometheus_client)
+- fakes: FakeTransport (a socket-free asyncio transport)
+- net, paths, processes: free_port, wait_port, ROOT, compiled_sources, module_of,
+  Process, RedisServer
+- openapi_check (not re-exported: it loads the admin OpenAPI document): ResponseChecker, DOC
+"""
+
+from tests.helpers.builders import route_config
+from tests.helpers.client import (
+    RawClient,
+    Resp,
+    raw_request,
+    read_framed_body,
+    read_response,
+    status_of,
+)
+from tests.helpers.fakes import FakeTransport
+from tests.helpers.gateway import RunningGateway, start_gateway, stop_gateway
+from tests.helpers.metrics import metric_sum, metric_value, scrape_samples
+from tests.helpers.net import free_port, wait_port
+from tests.helpers.paths import ROOT, compiled_sources, module_of
+from tests.helpers.processes import Process, RedisServer
+from tests.helpers.upstreams import (
+    Handler,
+    Script,
+    ScriptedUpstream,
+    Upstream,
+    read_request,
+    version_app,
+)
+from tests.helpers.waiting import wait_until
+
+__all__ = [
+    "ROOT",
+    "FakeTransport",
+    "Handler",
+    "Process",
+    "RawClient",
+    "RedisServer",
+    "Resp",
+    "RunningGateway",
+    "Script",
+    "ScriptedUpstream",
+    "Upstream",
+    "compiled_sources",
+    "free_port",
+    "metric_sum",
+    "metric_value",
+    "module_of",
+    "raw_request",
+    "read_framed_body",
+    "read_request",
+    "read_response",
+    "route_config",
+    "scrape_samples",
+    "start_gateway",
+    "status_of",
+    "stop_gateway",
+    "version_app",
+    "wait_port",
+    "wait_until",
+]
