@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import random
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -24,8 +23,7 @@ from proxy.core.config.model import ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import HEADER, Ack, Channel, Figures, Policy, frame
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def config(**top: Any):

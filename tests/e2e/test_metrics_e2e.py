@@ -36,7 +36,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "graygate_controller_leader": ("gauge", set()),
 }
 # Beyond DESIGN.md section 6, with samples only when `notifications:` are configured
-# (tests/test_notify.py checks their values).
+# (tests/control/test_notify.py checks their values).
 NOTIFICATION_FAMILIES = {
     "graygate_notifications_delivered",
     "graygate_notifications_failed",

@@ -35,9 +35,9 @@ from proxy.core.router import (
     valid_cohort_value,
 )
 from proxy.core.state import RolloutStatus, RoutePolicy, RouteState, compile_policy
+from tests.helpers import ROOT
 
 EP = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def route_config(
@@ -128,7 +128,7 @@ def test_bucket_is_the_same_in_a_fresh_process():
         input=json.dumps([keys, [s.decode("latin-1") for s in salts]]),
         capture_output=True,
         text=True,
-        cwd=PROJECT,
+        cwd=ROOT,
         env=env,
         check=True,
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +23,8 @@ from proxy.core.config.model import (
     WeightStep,
 )
 from proxy.core.config.values import parse_duration, parse_size
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "graygate.example.yaml"
 DEMO = ROOT / "config" / "demo.yaml"
 SCHEMA = ROOT / "proxy" / "core" / "config" / "schema.json"
