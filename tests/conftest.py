@@ -26,6 +26,7 @@ if _CHECKOUT not in sys.path:
 from tests.helpers import (  # noqa: E402
     Handler,
     Process,
+    RawClient,
     RedisServer,
     RunningGateway,
     Script,
@@ -169,3 +170,18 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def raw_clients() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
+    """Factory: `await raw_clients(port)` opens a raw client connection (closed at teardown)."""
+    opened: list[RawClient] = []
+
+    async def open_(port: int) -> RawClient:
+        c = await RawClient.open(port)
+        opened.append(c)
+        return c
+
+    yield open_
+    for c in opened:
+        await c.close()

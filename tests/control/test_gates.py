@@ -33,7 +33,7 @@ from proxy.core.config.model import (
 )
 from proxy.core.rollout import decide, gate_for, hold_at_gate, pause, start
 from proxy.core.state import RouteState, rollout_from_json, rollout_to_json
-from tests.helpers import free_port, route_config
+from tests.helpers import free_port, route_config, wait_until
 
 PASS = Judgement("pass", (), {"canary_requests": 300})
 
@@ -223,16 +223,6 @@ async def events(s: aiohttp.ClientSession, admin: str, route: str) -> list[dict[
         return list(body["events"])
 
 
-async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_a_403_gate_holds_promotion_and_a_200_lets_it_through(
     gateway, upstreams, gate_server
 ):
@@ -258,7 +248,7 @@ async def test_a_403_gate_holds_promotion_and_a_200_lets_it_through(
             ]
             return found[0] if found else None
 
-        hold = await until(held)
+        hold = await wait_until(held, 15.0, 0.05)
         assert hold["figures"]["gate"] == {
             "gate": "confirm_promotion",
             "status": 403,
@@ -293,7 +283,7 @@ async def test_a_403_gate_holds_promotion_and_a_200_lets_it_through(
             state = (await route_state(s, admin, "shop"))["state"]
             return state if state["rollout"]["state"] == "promoted" else None
 
-        state = await until(promoted)
+        state = await wait_until(promoted, 15.0, 0.05)
         assert state["stable"] == "green" and state["rollout"]["paused_by_gate"] is None
         promote = [e for e in await events(s, admin, "shop") if e["action"] == "rollout.promote"]
         assert promote[-1]["figures"]["gate"]["status"] == 200
@@ -327,7 +317,9 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
             ) as r:
                 assert r.status == 200
 
-        await until(lambda: asyncio.sleep(0, bool(gate.asked)))  # shop's call is open
+        await wait_until(
+            lambda: asyncio.sleep(0, bool(gate.asked)), 15.0, 0.05
+        )  # shop's call is open
         asked_at = gate.asked[0]["at"]
         assert gate.asked[0]["gate"] == "confirm_step"
 
@@ -337,7 +329,7 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
             ]
             return found[0] if found else None
 
-        hold = await until(timed_out)
+        hold = await wait_until(timed_out, 15.0, 0.05)
         assert hold["figures"]["gate"]["status"] is None
         assert hold["figures"]["gate"]["error"] == "no answer within 2s"
         state = (await route_state(s, admin, "shop"))["state"]
@@ -357,6 +349,6 @@ async def test_a_hanging_gate_holds_only_its_route_then_times_out(gateway, upstr
         async def stepped() -> Any:
             return (await route_state(s, admin, "shop"))["state"]["rollout"]["step"] == 1
 
-        await until(stepped)
+        await wait_until(stepped, 15.0, 0.05)
         state = (await route_state(s, admin, "shop"))["state"]
         assert state["weights"]["green"] == 80 and state["rollout"]["paused_by_gate"] is None

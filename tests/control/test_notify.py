@@ -24,7 +24,7 @@ from proxy.control.store.events import EventLog
 from proxy.core.config.describe import describe
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import ConfigError, NotificationConfig
-from tests.helpers import free_port, route_config
+from tests.helpers import free_port, route_config, wait_until
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -125,14 +125,14 @@ async def test_a_reload_restarts_changed_sinks_and_keeps_their_counters(receiver
     log.subscribe(notifier.offer)
     try:
         log.append("shop", "test", "weights", None, None)
-        await wait_for(lambda: notifier.counts["a"].delivered == 1)
+        await wait_until(lambda: notifier.counts["a"].delivered == 1, 10.0)
         await notifier.reconfigure((first,))  # unchanged: the same sink goes on
         assert notifier.sinks[0].config is first
         moved = NotificationConfig("a", rec.url + "/two", events=("reload",))
         await notifier.reconfigure((moved,))
         log.append("shop", "test", "weights", None, None)  # no longer wanted
         log.append(None, "test", "reload", None, None)
-        await wait_for(lambda: notifier.counts["a"].delivered == 2)
+        await wait_until(lambda: notifier.counts["a"].delivered == 2, 10.0)
     finally:
         await notifier.close()
     assert [p for p, *_ in rec.attempts] == ["/one", "/two"]
@@ -184,13 +184,6 @@ async def receiver() -> AsyncIterator[Callable[[Answer], Awaitable[Receiver]]]:
         await runner.cleanup()
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def call(
     session: aiohttp.ClientSession, method: str, url: str, body: Any = None
 ) -> dict[str, Any]:
@@ -231,8 +224,8 @@ async def test_receiver_gets_exactly_the_configured_events_in_order_with_retries
         await call(s, "POST", f"{api}/routes/shop/rollout/pause")
         await call(s, "POST", f"{api}/routes/shop/rollout/abort")
         await call(s, "PUT", f"{api}/routes/shop/weights", {"blue": 100, "green": 0})
-        await wait_for(
-            lambda: len(rec.delivered("/json")) == 4 and len(rec.delivered("/slack")) == 3
+        await wait_until(
+            lambda: len(rec.delivered("/json")) == 4 and len(rec.delivered("/slack")) == 3, 10.0
         )
         await asyncio.sleep(0.2)  # nothing more arrives
         async with s.get(f"{gw.admin_url}/metrics") as resp:

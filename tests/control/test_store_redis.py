@@ -23,7 +23,7 @@ from proxy.app import StartupError
 from proxy.control.store.redis import RedisStateError, RedisStateStore
 from proxy.control.store.writer import LeaseLost
 from proxy.core.state import RouteState
-from tests.helpers import free_port, route_config
+from tests.helpers import free_port, route_config, wait_until
 
 _prefixes = itertools.count()
 
@@ -94,10 +94,7 @@ async def put_weights(session: aiohttp.ClientSession, admin: str, weights: dict[
 async def wait_for(check: Any, timeout: float, step: float = 0.02) -> float:
     """Seconds until `check()` (async) is true; fails after `timeout`."""
     start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(step)
+    await wait_until(check, timeout, step)
     return time.monotonic() - start
 
 

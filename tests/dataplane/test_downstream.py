@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from aiohttp import web
 
 from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol
 from proxy.dataplane.gateway import Gateway
-from tests.helpers import read_framed_body, route_config
+from tests.helpers import route_config, wait_until
 
 FAST = {
     "connect": "500ms",
@@ -28,85 +26,6 @@ FAST = {
     "client_body": "2s",
     "keepalive": "5s",
 }
-
-
-@dataclass
-class Resp:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def get(self, name: str) -> str | None:
-        return next((v for n, v in self.headers if n == name.lower()), None)
-
-    def all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n == name.lower()]
-
-
-class Conn:
-    """One raw client connection reading responses with exact HTTP/1.1 framing."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> Conn:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self, timeout: float = 3.0, method: str = "GET") -> Resp:
-        async with asyncio.timeout(timeout):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            lines = head[:-4].decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ")[1])
-            headers = []
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers.append((name.strip().lower(), value.strip()))
-            resp = Resp(status, headers, b"")
-            resp.body = await read_framed_body(
-                self.reader,
-                method,
-                status,
-                resp.get("transfer-encoding"),
-                resp.get("content-length"),
-            )
-            return resp
-
-    async def closed_within(self, timeout: float) -> bool:
-        """True when the server closes (EOF or reset) within timeout, with no more bytes."""
-        try:
-            async with asyncio.timeout(timeout):
-                data = await self.reader.read(65536)
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        assert data == b"", f"unexpected bytes before the close: {data[:200]!r}"
-        return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-@pytest.fixture
-async def conns() -> AsyncIterator[Any]:
-    opened: list[Conn] = []
-
-    async def open_(port: int) -> Conn:
-        c = await Conn.open(port)
-        opened.append(c)
-        return c
-
-    yield open_
-    for c in opened:
-        await c.close()
 
 
 def get(path: str, extra: str = "") -> bytes:
@@ -121,22 +40,14 @@ def server_side(gw: Any) -> list[DownstreamProtocol]:
     return list(gateway_of(gw).connections)
 
 
-async def until(cond: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 # -- pipelining -------------------------------------------------------------------------------
 
 
-async def test_forty_pipelined_gets_in_one_write_answered_in_order(upstreams, gateway, conns):
+async def test_forty_pipelined_gets_in_one_write_answered_in_order(upstreams, gateway, raw_clients):
     assert MAX_PIPELINE < 40
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(b"".join(get(f"/p{i}") for i in range(40)))
     for i in range(40):
         r = await c.response()
@@ -150,7 +61,9 @@ async def test_forty_pipelined_gets_in_one_write_answered_in_order(upstreams, ga
     assert proto.paused == 0 and not proto.queue
 
 
-async def test_pipeline_deeper_than_limit_pauses_reading_then_resumes(upstreams, gateway, conns):
+async def test_pipeline_deeper_than_limit_pauses_reading_then_resumes(
+    upstreams, gateway, raw_clients
+):
     release = asyncio.Event()
 
     async def slow_first(request: web.Request) -> web.Response:
@@ -160,27 +73,27 @@ async def test_pipeline_deeper_than_limit_pauses_reading_then_resumes(upstreams,
 
     blue = await upstreams("blue", slow_first)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(b"".join(get(f"/p{i}") for i in range(40)))
-    await until(lambda: len(blue.requests) == 1 and len(server_side(gw)) == 1)
+    await wait_until(lambda: len(blue.requests) == 1 and len(server_side(gw)) == 1)
     (proto,) = server_side(gw)
-    await until(lambda: len(proto.queue) >= MAX_PIPELINE)
+    await wait_until(lambda: len(proto.queue) >= MAX_PIPELINE)
     assert proto.paused & proto.PAUSE_PIPELINE, "reading not paused past the pipeline depth"
     assert len(blue.requests) == 1, "pipelined requests must be forwarded one at a time"
     release.set()
     for i in range(40):
         r = await c.response()
         assert json.loads(r.body)["path"] == f"/p{i}"
-    await until(lambda: proto.paused == 0)
+    await wait_until(lambda: proto.paused == 0)
     assert [r["path"] for r in blue.requests] == [f"/p{i}" for i in range(40)]
 
 
-async def test_pipeline_bigger_than_one_read_resumes_after_pause(upstreams, gateway, conns):
+async def test_pipeline_bigger_than_one_read_resumes_after_pause(upstreams, gateway, raw_clients):
     # ~600 KiB of pipelined heads: more than one read, so reading really is paused at the
     # transport and must be resumed for the later requests to be seen at all.
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     pad = "x" * 3000
     n = 200
     sender = asyncio.create_task(
@@ -197,14 +110,14 @@ async def test_pipeline_bigger_than_one_read_resumes_after_pause(upstreams, gate
 # -- half-close ----------------------------------------------------------------------------------
 
 
-async def test_half_close_after_full_request_still_gets_the_answer(upstreams, gateway, conns):
+async def test_half_close_after_full_request_still_gets_the_answer(upstreams, gateway, raw_clients):
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.2)  # the client's FIN arrives before the answer
         return web.Response(text="late answer")
 
     blue = await upstreams("blue", slow)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(get("/x"))
     c.writer.write_eof()  # shutdown(SHUT_WR)
     r = await c.response()
@@ -212,10 +125,12 @@ async def test_half_close_after_full_request_still_gets_the_answer(upstreams, ga
     assert await c.closed_within(2.0)
 
 
-async def test_half_close_after_pipelined_requests_answers_them_all(upstreams, gateway, conns):
+async def test_half_close_after_pipelined_requests_answers_them_all(
+    upstreams, gateway, raw_clients
+):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     body = b"hello"
     await c.send(
         get("/a")
@@ -229,10 +144,12 @@ async def test_half_close_after_pipelined_requests_answers_them_all(upstreams, g
     assert await c.closed_within(2.0)
 
 
-async def test_half_close_after_deep_pipeline_answers_all_then_closes(upstreams, gateway, conns):
+async def test_half_close_after_deep_pipeline_answers_all_then_closes(
+    upstreams, gateway, raw_clients
+):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(b"".join(get(f"/p{i}") for i in range(40)))
     c.writer.write_eof()
     for i in range(40):
@@ -240,7 +157,9 @@ async def test_half_close_after_deep_pipeline_answers_all_then_closes(upstreams,
     assert await c.closed_within(2.0)
 
 
-async def test_half_close_in_the_middle_of_a_body_is_not_waited_out(upstreams, gateway, conns):
+async def test_half_close_in_the_middle_of_a_body_is_not_waited_out(
+    upstreams, gateway, raw_clients
+):
     # After the client's FIN the rest of the body can never come: the exchange is abandoned
     # at once (nginx: "client prematurely closed connection"), not after client_body.
     async def reader(request: web.Request) -> web.Response:
@@ -248,9 +167,9 @@ async def test_half_close_in_the_middle_of_a_body_is_not_waited_out(upstreams, g
 
     blue = await upstreams("blue", reader)
     gw = await gateway([route_config(blue.url)], timeouts={**FAST, "client_body": "5s"})
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(b"POST /cut HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
-    await until(lambda: len(blue.requests) == 1)
+    await wait_until(lambda: len(blue.requests) == 1)
     c.writer.write_eof()
     t0 = time.monotonic()
     data = b""
@@ -261,7 +180,7 @@ async def test_half_close_in_the_middle_of_a_body_is_not_waited_out(upstreams, g
     waited = time.monotonic() - t0
     assert not data.startswith(b"HTTP/1.1 2"), data
     g = gateway_of(gw)
-    await until(lambda: not g.connections)
+    await wait_until(lambda: not g.connections)
     # The client gave up: that is no error of the version (it would sway the canary verdict).
     blue_stats = gw.app.stats.get("shop", "blue")
     problems = []
@@ -274,36 +193,38 @@ async def test_half_close_in_the_middle_of_a_body_is_not_waited_out(upstreams, g
     assert not problems, "; ".join(problems)
 
 
-async def test_half_close_without_a_request_closes(upstreams, gateway, conns):
+async def test_half_close_without_a_request_closes(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     c.writer.write_eof()
     assert await c.closed_within(1.0)
-    await until(lambda: not server_side(gw))
+    await wait_until(lambda: not server_side(gw))
 
 
 # -- drain ---------------------------------------------------------------------------------------
 
 
-async def test_drain_closes_idle_keep_alive_connections_at_once(upstreams, gateway, conns):
+async def test_drain_closes_idle_keep_alive_connections_at_once(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    used = await conns(gw.port)
+    used = await raw_clients(gw.port)
     await used.send(get("/a"))
     assert (await used.response()).status == 200
-    fresh = await conns(gw.port)  # connected, nothing sent yet
-    await until(lambda: len(server_side(gw)) == 2)
+    fresh = await raw_clients(gw.port)  # connected, nothing sent yet
+    await wait_until(lambda: len(server_side(gw)) == 2)
     g = gateway_of(gw)
     t0 = time.monotonic()
     g.drain()
     assert await used.closed_within(1.0)
     assert await fresh.closed_within(1.0)
     assert time.monotonic() - t0 < 0.5
-    await until(lambda: g.drained.is_set())
+    await wait_until(lambda: g.drained.is_set())
 
 
-async def test_drain_lets_busy_connection_finish_with_connection_close(upstreams, gateway, conns):
+async def test_drain_lets_busy_connection_finish_with_connection_close(
+    upstreams, gateway, raw_clients
+):
     release = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
@@ -312,10 +233,10 @@ async def test_drain_lets_busy_connection_finish_with_connection_close(upstreams
 
     blue = await upstreams("blue", slow)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    busy = await conns(gw.port)
-    idle = await conns(gw.port)
+    busy = await raw_clients(gw.port)
+    idle = await raw_clients(gw.port)
     await busy.send(get("/slow"))
-    await until(lambda: len(blue.requests) == 1 and len(server_side(gw)) == 2)
+    await wait_until(lambda: len(blue.requests) == 1 and len(server_side(gw)) == 2)
     g = gateway_of(gw)
     g.drain()
     assert await idle.closed_within(1.0)
@@ -326,18 +247,18 @@ async def test_drain_lets_busy_connection_finish_with_connection_close(upstreams
     assert r.status == 200 and r.body == b"finished"
     assert r.get("connection") == "close"
     assert await busy.closed_within(1.0)
-    await until(lambda: g.drained.is_set())
+    await wait_until(lambda: g.drained.is_set())
 
 
 async def test_drain_closes_a_keep_alive_connection_after_its_next_answer(
-    upstreams, gateway, conns
+    upstreams, gateway, raw_clients
 ):
     # A request whose head was being read when the drain began is answered, with close.
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(b"GET /half HTTP/1.1\r\nHost: sh")
-    await until(lambda: any(p.in_head for p in server_side(gw)))
+    await wait_until(lambda: any(p.in_head for p in server_side(gw)))
     gateway_of(gw).drain()
     await c.send(b"op\r\n\r\n")
     r = await c.response()
@@ -349,10 +270,12 @@ async def test_drain_closes_a_keep_alive_connection_after_its_next_answer(
 # -- keep-alive timeout (Gateway.watch) -----------------------------------------------------------
 
 
-async def test_idle_keep_alive_connection_closed_after_keepalive_timeout(upstreams, gateway, conns):
+async def test_idle_keep_alive_connection_closed_after_keepalive_timeout(
+    upstreams, gateway, raw_clients
+):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts={**FAST, "keepalive": "300ms"})
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(get("/a"))
     assert (await c.response()).status == 200
     t0 = time.monotonic()
@@ -361,10 +284,10 @@ async def test_idle_keep_alive_connection_closed_after_keepalive_timeout(upstrea
     assert 0.2 <= waited < 1.0, f"closed after {waited:.2f}s, keepalive is 0.3s"
 
 
-async def test_requests_within_keepalive_keep_the_connection(upstreams, gateway, conns):
+async def test_requests_within_keepalive_keep_the_connection(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts={**FAST, "keepalive": "400ms"})
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     t0 = time.monotonic()
     for i in range(5):  # 5 x 200 ms: well past one keepalive period in total
         await c.send(get(f"/k{i}"))
@@ -373,14 +296,14 @@ async def test_requests_within_keepalive_keep_the_connection(upstreams, gateway,
     assert time.monotonic() - t0 > 0.8
 
 
-async def test_keepalive_timeout_does_not_cut_a_slow_answer(upstreams, gateway, conns):
+async def test_keepalive_timeout_does_not_cut_a_slow_answer(upstreams, gateway, raw_clients):
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.8)
         return web.Response(text="slow")
 
     blue = await upstreams("blue", slow)
     gw = await gateway([route_config(blue.url)], timeouts={**FAST, "keepalive": "300ms"})
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(get("/slow"))
     r = await c.response()
     assert r.status == 200 and r.body == b"slow"
@@ -389,13 +312,13 @@ async def test_keepalive_timeout_does_not_cut_a_slow_answer(upstreams, gateway, 
 # -- an answer that leaves the request body unread ------------------------------------------------
 
 
-async def test_early_answer_with_unread_body_closes_the_connection(upstreams, gateway, conns):
+async def test_early_answer_with_unread_body_closes_the_connection(upstreams, gateway, raw_clients):
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=413, text="too big for me")  # body never read
 
     blue = await upstreams("blue", refuse)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     size = 8 << 20
     await c.send(
         f"POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: {size}\r\n\r\n".encode()
@@ -422,7 +345,7 @@ async def test_early_answer_with_unread_body_closes_the_connection(upstreams, ga
 
 
 async def test_early_answer_with_unread_body_never_parses_the_body_as_requests(
-    upstreams, gateway, conns
+    upstreams, gateway, raw_clients
 ):
     # The rest of an unread body must not be taken for the next request on the connection.
     async def refuse(request: web.Request) -> web.Response:
@@ -430,7 +353,7 @@ async def test_early_answer_with_unread_body_never_parses_the_body_as_requests(
 
     blue = await upstreams("blue", refuse)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     smuggled = get("/smuggled") * 4
     head = f"POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: {200_000}\r\n\r\n".encode()
     await c.send(head + b"b" * 4096)
@@ -446,13 +369,15 @@ async def test_early_answer_with_unread_body_never_parses_the_body_as_requests(
 # -- framing a client cannot strip ----------------------------------------------------------------
 
 
-async def test_connection_naming_content_length_cannot_smuggle_a_request(upstreams, gateway, conns):
+async def test_connection_naming_content_length_cannot_smuggle_a_request(
+    upstreams, gateway, raw_clients
+):
     # RFC 9110 7.6.1: fields named in Connection are removed before forwarding. Removing
     # Content-Length that way would leave the body unframed upstream, where it would be read
     # as a second request. The proxy must keep the forwarded message self-delimiting.
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     inner = b"GET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n"
     await c.send(
         b"POST /outer HTTP/1.1\r\nHost: shop\r\nConnection: content-length\r\n"
@@ -486,13 +411,13 @@ async def test_connection_naming_content_length_cannot_smuggle_a_request(upstrea
     ],
 )
 async def test_absolute_form_target_parts_may_be_absent(
-    upstreams, gateway, conns, target, path, host
+    upstreams, gateway, raw_clients, target, path, host
 ):
     # The stubs type every part of parse_url's result as present; compiled code trusts
     # declared types, so each absent part is a path of its own.
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await conns(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(f"GET {target.format(port=gw.port)} HTTP/1.1\r\nHost: other\r\n\r\n".encode())
     r = await c.response()
     assert r.status == 200, r

@@ -25,7 +25,7 @@ from proxy.dataplane.upstream import (
     VersionPool,
     probe,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 NOW = 1000.0
 
@@ -55,14 +55,6 @@ def make_pool(
 def version_pool(n: int, balance: str = "least_request", **kw: Any) -> VersionPool:
     eps = [make_pool(9000 + i, **kw) for i in range(n)]
     return VersionPool("shop", "blue", balance, eps)
-
-
-async def wait_for(cond: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 # -- a real loopback upstream that holds connections open -----------------------------------
@@ -293,7 +285,7 @@ async def test_take_idle_returns_most_recently_released_live_connection(hold_ser
     c3, r3 = await ep.acquire(1.0)
     assert (r1, r2, r3) == (False, False, False)
     assert len({id(c1), id(c2), id(c3)}) == 3
-    await wait_for(lambda: len(hold_server.accepted) == 3)
+    await wait_until(lambda: len(hold_server.accepted) == 3, 2.0)
     for c in (c1, c2, c3):
         ep.release(c, True)
     assert ep.take_idle() is c3
@@ -312,41 +304,41 @@ async def test_take_idle_skips_connections_the_upstream_closed(hold_server, pool
     ep = pools(hold_server.port)
     c1, _ = await ep.acquire(1.0)
     c2, _ = await ep.acquire(1.0)
-    await wait_for(lambda: len(hold_server.accepted) == 2)
+    await wait_until(lambda: len(hold_server.accepted) == 2, 2.0)
     ep.release(c1, True)
     ep.release(c2, True)
     # The server side of the most recent connection goes away.
     peer_ports = {w.get_extra_info("peername")[1]: i for i, w in enumerate(hold_server.accepted)}
     c2_port = c2.transport.get_extra_info("sockname")[1]
     hold_server.close_client(peer_ports[c2_port])
-    await wait_for(lambda: c2.closed)
+    await wait_until(lambda: c2.closed, 2.0)
     assert ep.take_idle() is c1
     assert ep.take_idle() is None
-    await wait_for(lambda: ep.open == 1)
+    await wait_until(lambda: ep.open == 1, 2.0)
 
 
 async def test_release_not_reusable_closes(hold_server, pools):
     ep = pools(hold_server.port)
     c1, _ = await ep.acquire(1.0)
-    await wait_for(lambda: len(hold_server.accepted) == 1)
+    await wait_until(lambda: len(hold_server.accepted) == 1, 2.0)
     assert ep.open == 1
     ep.release(c1, False)
     assert c1.closed
     assert ep.take_idle() is None
-    await wait_for(lambda: hold_server.eofs == 1)
-    await wait_for(lambda: ep.open == 0 and not ep.conns)
+    await wait_until(lambda: hold_server.eofs == 1, 2.0)
+    await wait_until(lambda: ep.open == 0 and not ep.conns, 2.0)
 
 
 async def test_max_idle_per_endpoint_respected(hold_server, pools):
     ep = pools(hold_server.port, limits=Limits(max_idle_per_endpoint=2))
     conns = [(await ep.acquire(1.0))[0] for _ in range(4)]
-    await wait_for(lambda: len(hold_server.accepted) == 4)
+    await wait_until(lambda: len(hold_server.accepted) == 4, 2.0)
     for c in conns:
         ep.release(c, True)
     assert len(ep.idle) == 2
     assert sum(1 for c in conns if c.closed) == 2
-    await wait_for(lambda: hold_server.eofs == 2)
-    await wait_for(lambda: ep.open == 2)
+    await wait_until(lambda: hold_server.eofs == 2, 2.0)
+    await wait_until(lambda: ep.open == 2, 2.0)
 
 
 async def test_max_idle_zero_keeps_nothing(hold_server, pools):
@@ -481,7 +473,7 @@ async def test_bytes_on_an_idle_connection_close_it(pools):
         ep = pools(server.sockets[0].getsockname()[1])
         c, _ = await ep.acquire(1.0)
         ep.release(c, True)
-        await wait_for(lambda: c.closed)
+        await wait_until(lambda: c.closed, 2.0)
         assert ep.take_idle() is None
     finally:
         server.close()
@@ -523,7 +515,7 @@ async def test_reconfigure_keeps_unchanged_pools_and_closes_removed(hold_server)
         pb.endpoint = endpoint(port)
         conn_b, _ = await pb.acquire(1.0)
         pb.release(conn_b, True)
-        await wait_for(lambda: len(hold_server.accepted) == 2)
+        await wait_until(lambda: len(hold_server.accepted) == 2, 2.0)
 
         ups.reconfigure(config([a], [c, d], limits={"max_idle_per_endpoint": 7}))
         blue2 = ups.versions["shop"]["blue"]
@@ -537,7 +529,7 @@ async def test_reconfigure_keeps_unchanged_pools_and_closes_removed(hold_server)
         assert pb.retired and conn_b.closed
         assert not pa.retired and is_live(conn_a)
         assert ep_urls(ups) == {a, c, d}
-        await wait_for(lambda: hold_server.eofs == 1)
+        await wait_until(lambda: hold_server.eofs == 1, 2.0)
         assert pa.take_idle() is conn_a
     finally:
         await ups.close()
@@ -578,8 +570,8 @@ async def test_sweep_idle_closes_connections_idle_too_long(hold_server):
         ups.sweep_idle(t_old + 1.1)
         assert old.closed and is_live(new)
         assert list(pool.idle) == [new]
-        await wait_for(lambda: hold_server.eofs == 1)
-        await wait_for(lambda: pool.open == 1)
+        await wait_until(lambda: hold_server.eofs == 1, 2.0)
+        await wait_until(lambda: pool.open == 1, 2.0)
         ups.sweep_idle(loop.time() + 5)
         assert new.closed and not pool.idle
     finally:
@@ -657,13 +649,13 @@ async def test_health_checks_mark_endpoint_unhealthy_and_back(upstreams):
     try:
         ups.start_health_checks()
         vp = ups.versions["shop"]["blue"]
-        await wait_for(lambda: len(a.requests) >= 2 and len(b.requests) >= 2)
+        await wait_until(lambda: len(a.requests) >= 2 and len(b.requests) >= 2, 2.0)
         assert vp.any_available(loop.time())
         state["status"] = 500
-        await wait_for(lambda: not vp.any_available(loop.time()))
+        await wait_until(lambda: not vp.any_available(loop.time()), 2.0)
         assert vp.pick(loop.time()) is None
         state["status"] = 200
-        await wait_for(lambda: all(p.healthy for p in vp.endpoints))
+        await wait_until(lambda: all(p.healthy for p in vp.endpoints), 2.0)
         assert vp.pick(loop.time()) is not None
     finally:
         await ups.close()

@@ -23,7 +23,7 @@ from proxy.core.config.model import ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import HEADER, Ack, Channel, Figures, Policy, frame
-from tests.helpers import ROOT
+from tests.helpers import ROOT, FakeTransport
 
 
 def config(**top: Any):
@@ -166,21 +166,6 @@ def test_merge_drops_a_route_a_reload_removed() -> None:
 # ---- channel ---------------------------------------------------------------------------------
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-
 async def test_frames_cut_anywhere_arrive_whole_and_in_order() -> None:
     got: list[Any] = []
     channel = Channel(got.append, lambda: None)
@@ -203,7 +188,7 @@ async def test_a_frame_that_is_not_ours_closes_the_channel(caplog) -> None:
     transport = FakeTransport()
     channel.connection_made(transport)  # type: ignore[arg-type]
     channel.data_received(HEADER.pack(5) + b"nope!")
-    assert transport.closed and got == []
+    assert transport.closing and got == []
     assert "unreadable frame" in caplog.text
     channel.data_received(HEADER.pack(1 << 30))  # oversize: refused before reading it
     assert got == []
@@ -214,12 +199,12 @@ async def test_send_writes_one_frame_and_nothing_after_close() -> None:
     transport = FakeTransport()
     channel.connection_made(transport)  # type: ignore[arg-type]
     channel.send(Policy(3, {}))
-    (data,) = transport.written
-    assert HEADER.unpack_from(data)[0] == len(data) - HEADER.size
+    data = transport.take()
+    assert HEADER.unpack_from(data)[0] == len(data) - HEADER.size  # one frame, whole
     assert pickle.loads(data[HEADER.size :]) == Policy(3, {})
     channel.close()
     channel.send(Ack(4))
-    assert len(transport.written) == 1
+    assert transport.take() == b""
 
 
 # ---- read-your-writes ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from test_rollout_e2e import Traffic, named, scrape
 
-from tests.helpers import Process, RedisServer, free_port, route_config
+from tests.helpers import Process, RedisServer, free_port, route_config, wait_until
 
 SCRAPE = 1.0  # prometheus scrape interval, and the windows' lag
 INTERVAL = "3s"  # rollout interval: three scrapes per window
@@ -247,17 +247,6 @@ async def state(s: aiohttp.ClientSession, r: Replica, route: str) -> dict[str, A
     return result
 
 
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, step: float = 0.05) -> Any:
-    """The first true value of `check()`; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout}s"
-        await asyncio.sleep(step)
-
-
 async def leads(s: aiohttp.ClientSession, r: Replica) -> bool:
     return (await scrape(s, r.admin)).get(("graygate_controller_leader",)) == 1
 
@@ -287,7 +276,7 @@ async def test_canary_failing_only_behind_b_is_rolled_back_by_a_from_prometheus(
     name = route_a["name"]
     a = await replica("a", admin_ports.a, redis_server, route_a, prometheus)
     async with aiohttp.ClientSession() as s:
-        await until(lambda: leads(s, a), 5.0)
+        await wait_until(lambda: leads(s, a), 5.0)
         b = await replica("b", admin_ports.b, redis_server, route_b, prometheus)
         traffic = [await Traffic(r.url, rate=80, workers=4).start() for r in (a, b)]
         await prometheus.scraping()
@@ -295,7 +284,7 @@ async def test_canary_failing_only_behind_b_is_rolled_back_by_a_from_prometheus(
             status, body = await call(s, b, "POST", f"/routes/{name}/rollout", {"canary": "green"})
             assert status == 200, body
             started = time.monotonic()
-            done = await until(
+            done = await wait_until(
                 lambda: _phase(s, a, name, ("rolled_back", "promoted", "paused")), 15.0
             )
             took = time.monotonic() - started
@@ -329,14 +318,14 @@ async def test_healthy_canary_through_both_is_promoted_across_a_prometheus_outag
     name = route["name"]
     a = await replica("a", admin_ports.a, redis_server, route, prometheus)
     async with aiohttp.ClientSession() as s:
-        await until(lambda: leads(s, a), 5.0)
+        await wait_until(lambda: leads(s, a), 5.0)
         b = await replica("b", admin_ports.b, redis_server, route, prometheus)
         traffic = [await Traffic(r.url, rate=80, workers=4).start() for r in (a, b)]
         await prometheus.scraping()
         try:
             status, body = await call(s, a, "POST", f"/routes/{name}/rollout", {"canary": "green"})
             assert status == 200, body
-            await until(lambda: _step(s, a, name, 1), 10.0)  # passed at 50 %
+            await wait_until(lambda: _step(s, a, name, 1), 10.0)  # passed at 50 %
             prometheus.stop()
 
             async def held_for_prometheus() -> bool:
@@ -345,11 +334,11 @@ async def test_healthy_canary_through_both_is_promoted_across_a_prometheus_outag
                     for e in await controller_events(s, a, name)
                 )
 
-            await until(held_for_prometheus, 8.0)
+            await wait_until(held_for_prometheus, 8.0)
             assert (await state(s, a, name))["rollout"]["state"] == "progressing"
             prometheus.start()
             await prometheus.ready()
-            done = await until(
+            done = await wait_until(
                 lambda: _phase(s, a, name, ("rolled_back", "promoted", "paused")), 15.0
             )
         finally:
@@ -399,7 +388,7 @@ async def test_redis_stopped_under_load_serves_refuses_mutations_and_reconciles(
         status, body = await call(s, a, "PUT", weights, {"blue": 70, "green": 30})
         assert status == 200, body
         answered = time.monotonic()
-        await until(lambda: on_b({"blue": 70, "green": 30}), 1.0, step=0.01)
+        await wait_until(lambda: on_b({"blue": 70, "green": 30}), 1.0, step=0.01)
         print(f"weights through A applied on B after {time.monotonic() - answered:.3f}s")
 
         traffic = [await Traffic(r.url, rate=300, workers=32).start() for r in (a, b)]  # 64
@@ -425,9 +414,9 @@ async def test_redis_stopped_under_load_serves_refuses_mutations_and_reconciles(
                 status, _ = await call(s, a, "PUT", weights, {"blue": 20, "green": 80})
                 return status == 200
 
-            await until(accepted, 2.0, step=0.05)
+            await wait_until(accepted, 2.0, step=0.05)
             answered = time.monotonic()
-            await until(lambda: on_b({"blue": 20, "green": 80}), 2.0, step=0.02)
+            await wait_until(lambda: on_b({"blue": 20, "green": 80}), 2.0, step=0.02)
             applied = time.monotonic()
             await asyncio.sleep(0.3)
         finally:
@@ -453,24 +442,24 @@ async def test_lease_holder_killed_mid_rollout_other_continues_from_the_same_ste
     name = route["name"]
     a = await replica("a", admin_ports.a, redis_server, route, prometheus)
     async with aiohttp.ClientSession() as s:
-        await until(lambda: leads(s, a), 5.0)
+        await wait_until(lambda: leads(s, a), 5.0)
         b = await replica("b", admin_ports.b, redis_server, route, prometheus)
         to_b = await Traffic(b.url, rate=120, workers=4).start()
         await prometheus.scraping()
         try:
             status, body = await call(s, b, "POST", f"/routes/{name}/rollout", {"canary": "green"})
             assert status == 200, body
-            await until(lambda: _step(s, b, name, 1), 10.0)  # A advanced to 50 %
+            await wait_until(lambda: _step(s, b, name, 1), 10.0)  # A advanced to 50 %
             at_kill = await state(s, b, name)
             a.process.proc.send_signal(signal.SIGKILL)
             killed = time.monotonic()
-            await until(lambda: leads(s, b), 2 * LEASE + 0.5, step=0.02)
+            await wait_until(lambda: leads(s, b), 2 * LEASE + 0.5, step=0.02)
             took_over = time.monotonic() - killed
 
             async def b_decided() -> Any:
                 return [e for e in await controller_events(s, b, name) if e["time"] > 0]
 
-            decided = await until(b_decided, 10.0)
+            decided = await wait_until(b_decided, 10.0)
         finally:
             await to_b.stop()
         assert took_over <= 2 * LEASE, f"lease taken over after {took_over:.2f}s"

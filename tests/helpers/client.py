@@ -130,7 +130,10 @@ class RawClient:
         self, timeout: float = 5.0
     ) -> tuple[int, bytes, list[tuple[str, str]], bytes]:
         """(status, version, headers, the head's bytes) of the next response."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        # asyncio.timeout, not wait_for: no task in between, so the answer is read in the
+        # loop iteration it arrives in, before a reset right behind it can replace it.
+        async with asyncio.timeout(timeout):
+            head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head[:-4].split(b"\r\n")
         version, status, *_ = lines[0].split(b" ", 2)
         headers = []

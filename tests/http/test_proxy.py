@@ -4,7 +4,6 @@ or raw-socket upstreams, the real App in-process, real clients (raw sockets, aio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import hashlib
 import io
@@ -20,108 +19,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import free_port, raw_request, read_framed_body, route_config
+from tests.helpers import free_port, raw_request, read_request, route_config
 
 # Small timeouts so a hang fails fast; `read` leaves room for the 1.5 s streaming pause.
 FAST = {"connect": "500ms", "read": "3s", "request": "5s"}
 
 
-# -- raw HTTP/1.1 client on asyncio streams -----------------------------------------------------
-
-
-@dataclass
-class Resp:
-    status: int
-    version: bytes
-    headers: list[tuple[str, str]]
-    body: bytes
-    head: bytes
-
-    def all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for n, v in self.headers if n == name]
-
-    def get(self, name: str) -> str | None:
-        values = self.all(name)
-        return values[0] if values else None
-
-    def names(self) -> set[str]:
-        return {n for n, _ in self.headers}
-
-
-class RawClient:
-    """One client connection; reads responses with exact HTTP/1.1 framing."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def read_head(
-        self, timeout: float = 5.0
-    ) -> tuple[int, bytes, list[tuple[str, str]], bytes]:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = head[:-4].split(b"\r\n")
-        version, status, *_ = lines[0].split(b" ", 2)
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
-        return int(status), version, headers, head
-
-    async def read_response(self, method: str = "GET", timeout: float = 5.0) -> Resp:
-        status, version, headers, head = await self.read_head(timeout)
-        resp = Resp(status, version, headers, b"", head)
-        async with asyncio.timeout(timeout):
-            resp.body = await read_framed_body(
-                self.reader,
-                method,
-                status,
-                resp.get("transfer-encoding"),
-                resp.get("content-length"),
-            )
-        return resp
-
-    async def request(self, data: bytes, method: str = "GET") -> Resp:
-        await self.send(data)
-        return await self.read_response(method)
-
-    async def at_eof(self, timeout: float = 2.0) -> bool:
-        """True when the server closed the connection (and sent nothing more) within timeout."""
-        try:
-            extra = await asyncio.wait_for(self.reader.read(1), timeout)
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-        return extra == b""
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
-    opened: list[RawClient] = []
-
-    async def open_(port: int) -> RawClient:
-        c = await RawClient.open(port)
-        opened.append(c)
-        return c
-
-    yield open_
-    for c in opened:
-        await c.close()
+# -- raw HTTP/1.1 client: the raw_clients fixture (tests.helpers.RawClient) -------------------
 
 
 def get(path: str, host: str = "test.local", extra: str = "") -> bytes:
@@ -148,26 +52,6 @@ class RawUpstream:
 
 
 RawHandler = Callable[[RawUpstream, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def read_request(
-    reader: asyncio.StreamReader,
-) -> tuple[bytes, list[tuple[bytes, bytes]], bytes] | None:
-    """One request (line, headers, body by Content-Length) or None at EOF."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    lines = head[:-4].split(b"\r\n")
-    headers = []
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.append((name.strip().lower(), value.strip()))
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    body = await reader.readexactly(length) if length else b""
-    return lines[0], headers, body
 
 
 @pytest.fixture
@@ -224,7 +108,7 @@ def header_names(seen: dict[str, Any]) -> set[str]:
 # -- pipelining ---------------------------------------------------------------------------------
 
 
-async def test_pipelined_requests_answered_in_order(upstreams, gateway, clients):
+async def test_pipelined_requests_answered_in_order(upstreams, gateway, raw_clients):
     async def slow_first(request: web.Request) -> web.StreamResponse:
         # The first request is the slowest: answers must still come back in request order.
         await asyncio.sleep(float(request.query["delay"]))
@@ -232,21 +116,21 @@ async def test_pipelined_requests_answered_in_order(upstreams, gateway, clients)
 
     blue = await upstreams("blue", slow_first)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     delays = [0.3, 0.2, 0.0, 0.1]
     batch = b"".join(get(f"/r{i}?delay={d}") for i, d in enumerate(delays))
     await c.send(batch)  # all four in one write
-    bodies = [(await c.read_response()).body for _ in delays]
+    bodies = [(await c.response()).body for _ in delays]
     assert bodies == [f"answer:/r{i}".encode() for i in range(len(delays))]
     assert sorted(r["path"] for r in blue.requests) == sorted(
         f"/r{i}?delay={d}" for i, d in enumerate(delays)
     )
 
 
-async def test_pipelined_mix_of_post_head_and_get(upstreams, gateway, clients):
+async def test_pipelined_mix_of_post_head_and_get(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     await c.send(
         get("/one")
         + b"POST /two HTTP/1.1\r\nHost: t\r\nContent-Length: 7\r\n\r\npayload"
@@ -256,7 +140,7 @@ async def test_pipelined_mix_of_post_head_and_get(upstreams, gateway, clients):
         + get("/five", extra="Connection: close\r\n")
     )
     methods = ["GET", "POST", "HEAD", "POST", "GET"]
-    got = [await c.read_response(method=m) for m in methods]
+    got = [await c.response(method=m) for m in methods]
     assert [r.status for r in got] == [200] * 5
     assert b'"path": "/one"' in got[0].body
     assert b'"path": "/two"' in got[1].body and b'"len": 7' in got[1].body
@@ -269,19 +153,19 @@ async def test_pipelined_mix_of_post_head_and_get(upstreams, gateway, clients):
 # -- Expect: 100-continue -----------------------------------------------------------------------
 
 
-async def test_expect_100_continue_is_relayed_before_the_body(upstreams, gateway, clients):
+async def test_expect_100_continue_is_relayed_before_the_body(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     body = b"x" * 5000
     await c.send(
         b"POST /upload HTTP/1.1\r\nHost: test.local\r\nContent-Length: %d\r\n"
         b"Expect: 100-continue\r\n\r\n" % len(body)
     )
-    interim = await c.read_response(timeout=3.0)  # before any body byte was sent
+    interim = await c.response(timeout=3.0)  # before any body byte was sent
     assert interim.status == 100
     await c.send(body)
-    final = await c.read_response()
+    final = await c.response()
     assert final.status == 200
     assert final.get("x-graygate-version") == "blue"
     assert b'"len": 5000' in final.body
@@ -334,10 +218,10 @@ async def sha_handler(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def test_chunked_request_body_arrives_intact(upstreams, gateway, clients):
+async def test_chunked_request_body_arrives_intact(upstreams, gateway, raw_clients):
     blue = await upstreams("blue", sha_handler)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     chunks = [b"first-", os.urandom(3000), b"\r\n0\r\n", os.urandom(70_000), b"end"]
     await c.send(
         b"POST /chunked HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -346,7 +230,7 @@ async def test_chunked_request_body_arrives_intact(upstreams, gateway, clients):
         await c.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         await asyncio.sleep(0.1)
     await c.send(b"0\r\n\r\n")
-    resp = await c.read_response()
+    resp = await c.response()
     assert resp.status == 200
     whole = b"".join(chunks)
     assert resp.body == (
@@ -398,10 +282,10 @@ async def test_response_is_streamed_not_buffered(upstreams, gateway):
 # -- hop-by-hop fields --------------------------------------------------------------------------
 
 
-async def test_request_hop_by_hop_fields_are_removed(upstreams, gateway, clients):
+async def test_request_hop_by_hop_fields_are_removed(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(
         b"GET /hop HTTP/1.1\r\nHost: test.local\r\n"
         b"Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
@@ -420,7 +304,7 @@ async def test_request_hop_by_hop_fields_are_removed(upstreams, gateway, clients
     assert await c.at_eof(), "client asked for Connection: close"
 
 
-async def test_response_hop_by_hop_fields_are_removed(raw_upstreams, gateway, clients):
+async def test_response_hop_by_hop_fields_are_removed(raw_upstreams, gateway, raw_clients):
     async def serve(up: RawUpstream, reader, writer) -> None:
         while await read_request(reader) is not None:
             writer.write(
@@ -435,7 +319,7 @@ async def test_response_hop_by_hop_fields_are_removed(raw_upstreams, gateway, cl
 
     up = await raw_upstreams(serve)
     gw = await gateway([route_config(up.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(get("/"))
     assert resp.status == 200 and resp.body == b"ok"
     assert "x-internal" not in resp.names()
@@ -452,13 +336,13 @@ async def test_response_hop_by_hop_fields_are_removed(raw_upstreams, gateway, cl
 # -- forwarding headers -------------------------------------------------------------------------
 
 
-async def test_forwarded_for_from_untrusted_client_is_appended(upstreams, gateway, clients):
+async def test_forwarded_for_from_untrusted_client_is_appended(upstreams, gateway, raw_clients):
     async def with_via(request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok", headers={"Via": "1.1 backend"})
 
     blue = await upstreams("blue", with_via)
     gw = await gateway([route_config(blue.url)], timeouts=FAST, trusted_proxies=[])
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(
         b"GET / HTTP/1.1\r\nHost: shop.test:8080\r\nX-Forwarded-For: 6.6.6.6\r\n"
         b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\r\n"
@@ -515,14 +399,14 @@ FORWARDING_REQUEST = (
     ids=["default", "append", "replace", "trusted-append", "trusted-replace"],
 )
 async def test_forwarding_headers_as_an_echoing_upstream_sees_them(
-    upstreams, gateway, clients, trusted, mode, want_for, want_proto, want_host
+    upstreams, gateway, raw_clients, trusted, mode, want_for, want_proto, want_host
 ):
     blue = await upstreams("blue", echo_forwarding)
     top: dict[str, Any] = {"timeouts": FAST, "trusted_proxies": trusted}
     if mode is not None:
         top["forwarded_for"] = mode
     gw = await gateway([route_config(blue.url)], **top)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     for _ in range(2):  # the second on the same keep-alive connection, pooled upstream
         resp = await c.request(FORWARDING_REQUEST)
         assert resp.status == 200, resp.body
@@ -545,10 +429,10 @@ async def test_forwarded_for_appended_for_an_aiohttp_client(upstreams, gateway):
     assert echoed["X-Forwarded-For"] == ["10.9.8.7, 127.0.0.1"]
 
 
-async def test_forwarded_chain_kept_from_trusted_proxy(upstreams, gateway, clients):
+async def test_forwarded_chain_kept_from_trusted_proxy(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST, trusted_proxies=["127.0.0.1/32"])
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(
         b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.7\r\n"
         b"Via: 1.0 edge\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n"
@@ -565,7 +449,7 @@ async def test_forwarded_chain_kept_from_trusted_proxy(upstreams, gateway, clien
 # -- headers and bodies passed as sent ----------------------------------------------------------
 
 
-async def test_repeated_headers_and_set_cookies_preserved(upstreams, gateway, clients):
+async def test_repeated_headers_and_set_cookies_preserved(upstreams, gateway, raw_clients):
     async def cookies(request: web.Request) -> web.StreamResponse:
         resp = web.Response(text="ok")
         for i in range(3):
@@ -576,7 +460,7 @@ async def test_repeated_headers_and_set_cookies_preserved(upstreams, gateway, cl
 
     blue = await upstreams("blue", cookies)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(
         b"GET / HTTP/1.1\r\nHost: t\r\nX-Multi: a\r\nAccept: */*\r\nX-Multi: b\r\n"
         b"X-Multi: c\r\n\r\n"
@@ -587,7 +471,7 @@ async def test_repeated_headers_and_set_cookies_preserved(upstreams, gateway, cl
     assert resp.all("x-dup") == ["one", "two"]
 
 
-async def test_gzip_body_passed_through_byte_for_byte(upstreams, gateway, clients):
+async def test_gzip_body_passed_through_byte_for_byte(upstreams, gateway, raw_clients):
     compressed = gzip.compress(b"hello graygate " * 2000, mtime=0)
 
     async def gz(request: web.Request) -> web.StreamResponse:
@@ -605,7 +489,7 @@ async def test_gzip_body_passed_through_byte_for_byte(upstreams, gateway, client
 
     blue = await upstreams("blue", gz)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     for path in ("/fixed", "/chunked"):
         resp = await c.request(get(path, extra="Accept-Encoding: gzip\r\n"))
         assert resp.status == 200
@@ -614,7 +498,7 @@ async def test_gzip_body_passed_through_byte_for_byte(upstreams, gateway, client
     assert header_values(blue.requests[-1], "accept-encoding") == ["gzip"]
 
 
-async def test_query_strings_and_encoded_paths_preserved(raw_upstreams, gateway, clients):
+async def test_query_strings_and_encoded_paths_preserved(raw_upstreams, gateway, raw_clients):
     async def record(up: RawUpstream, reader, writer) -> None:
         while (req := await read_request(reader)) is not None:
             up.request_lines.append(req[0])
@@ -623,7 +507,7 @@ async def test_query_strings_and_encoded_paths_preserved(raw_upstreams, gateway,
 
     up = await raw_upstreams(record)
     gw = await gateway([route_config(up.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     targets = [
         "/p?a=%2F&b=%zz&c=+&d",
         "/a%2Fb/c%2f?x=%2F",
@@ -645,23 +529,23 @@ async def test_query_strings_and_encoded_paths_preserved(raw_upstreams, gateway,
 # -- bodiless responses and framing -------------------------------------------------------------
 
 
-async def test_head_has_length_but_no_body_and_keep_alive_survives(upstreams, gateway, clients):
+async def test_head_has_length_but_no_body_and_keep_alive_survives(upstreams, gateway, raw_clients):
     async def sized(request: web.Request) -> web.StreamResponse:
         return web.Response(body=b"z" * 1234)
 
     blue = await upstreams("blue", sized)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     head = await c.request(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n", method="HEAD")
     assert head.status == 200
     assert head.get("content-length") == "1234"
     await c.send(get("/after-head"))
-    nxt = await c.read_response()  # a stray body would make this line unparsable
+    nxt = await c.response()  # a stray body would make this line unparsable
     assert nxt.status == 200 and nxt.body == b"z" * 1234
     assert [r["method"] for r in blue.requests] == ["HEAD", "GET"]
 
 
-async def test_204_and_304_have_no_body(upstreams, gateway, clients):
+async def test_204_and_304_have_no_body(upstreams, gateway, raw_clients):
     async def bodiless(request: web.Request) -> web.StreamResponse:
         if request.path == "/204":
             return web.Response(status=204)
@@ -671,7 +555,7 @@ async def test_204_and_304_have_no_body(upstreams, gateway, clients):
 
     blue = await upstreams("blue", bodiless)
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     r204 = await c.request(get("/204"))
     assert r204.status == 204
     assert r204.get("transfer-encoding") is None
@@ -682,7 +566,9 @@ async def test_204_and_304_have_no_body(upstreams, gateway, clients):
     assert after.status == 200 and after.body == b"after"
 
 
-async def test_bodiless_answers_with_framing_headers_do_not_desync(raw_upstreams, gateway, clients):
+async def test_bodiless_answers_with_framing_headers_do_not_desync(
+    raw_upstreams, gateway, raw_clients
+):
     async def framing(up: RawUpstream, reader, writer) -> None:
         while (req := await read_request(reader)) is not None:
             method, target = req[0].split(b" ")[:2]
@@ -700,7 +586,7 @@ async def test_bodiless_answers_with_framing_headers_do_not_desync(raw_upstreams
 
     up = await raw_upstreams(framing)
     gw = await gateway([route_config(up.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     r304 = await c.request(get("/304"))
     assert r304.status == 304 and r304.get("etag") == "x"
     r204 = await c.request(get("/204"))
@@ -712,7 +598,7 @@ async def test_bodiless_answers_with_framing_headers_do_not_desync(raw_upstreams
 
 
 async def test_close_delimited_upstream_body_reaches_http11_client_chunked(
-    raw_upstreams, gateway, clients
+    raw_upstreams, gateway, raw_clients
 ):
     pieces = [b"alpha-", b"beta-" * 1000, b"gamma"]
 
@@ -728,7 +614,7 @@ async def test_close_delimited_upstream_body_reaches_http11_client_chunked(
 
     up = await raw_upstreams(http10)
     gw = await gateway([route_config(up.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     resp = await c.request(get("/legacy"))
     assert resp.status == 200
     assert resp.get("transfer-encoding") == "chunked"
@@ -761,10 +647,10 @@ async def test_http10_client_without_keep_alive_gets_answer_then_close(upstreams
         assert got == body, path
 
 
-async def test_http10_client_with_keep_alive_keeps_the_connection(upstreams, gateway, clients):
+async def test_http10_client_with_keep_alive_keeps_the_connection(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     gw = await gateway([route_config(blue.url)], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     for i in range(2):
         resp = await c.request(f"GET /k{i} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
         assert resp.status == 200 and resp.get("content-length")
@@ -906,13 +792,13 @@ async def test_sticky_header_key_sticks_per_user(upstreams, gateway):
 
 
 async def test_weighted_split_is_per_request_on_one_keep_alive_connection(
-    upstreams, gateway, clients
+    upstreams, gateway, raw_clients
 ):
     blue = await upstreams("blue")
     green = await upstreams("green")
     route = route_config(blue.url, green.url, weights={"blue": 50, "green": 50})
     gw = await gateway([route], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     counts = {"blue": 0, "green": 0}
     for i in range(400):
         resp = await c.request(get(f"/n{i}"))
@@ -924,11 +810,11 @@ async def test_weighted_split_is_per_request_on_one_keep_alive_connection(
     assert len(blue.requests) == counts["blue"] and len(green.requests) == counts["green"]
 
 
-async def test_no_matching_route_is_404_with_error_header(upstreams, gateway, clients):
+async def test_no_matching_route_is_404_with_error_header(upstreams, gateway, raw_clients):
     blue = await upstreams("blue")
     route = route_config(blue.url, match={"host": "shop.example", "path_prefix": "/"})
     gw = await gateway([route], timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     ok = await c.request(get("/", host="shop.example"))
     assert ok.status == 200
     miss = await c.request(get("/", host="other.example"))
@@ -937,7 +823,7 @@ async def test_no_matching_route_is_404_with_error_header(upstreams, gateway, cl
     assert len(blue.requests) == 1
 
 
-async def test_host_wildcard_and_first_match_in_config_order(upstreams, gateway, clients):
+async def test_host_wildcard_and_first_match_in_config_order(upstreams, gateway, raw_clients):
     a = await upstreams("a")
     b = await upstreams("b")
     d = await upstreams("d")
@@ -951,7 +837,7 @@ async def test_host_wildcard_and_first_match_in_config_order(upstreams, gateway,
         {**route_config(d.url), "name": "rest", "match": {"host": "*", "path_prefix": "/"}},
     ]
     gw = await gateway(routes, timeouts=FAST)
-    c = await clients(gw.port)
+    c = await raw_clients(gw.port)
     cases = [
         ("shop.example.com", "/api/v2/items", "a"),  # more specific route later: first wins
         ("deep.shop.example.com:8080", "/api/x", "a"),
