@@ -17,9 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import free_port, route_config
+from tests.helpers import free_port, metric_sum, route_config, scrape_samples
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 QUICK_OUTLIER = {"consecutive_failures": 3, "base_ejection": "2s", "max_ejection": "10s"}
@@ -122,29 +121,8 @@ def rst(writer: asyncio.StreamWriter) -> None:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def scrape(gw) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
-        assert r.status == 200
-        text = await r.text()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def metric(samples, name: str, **labels: str) -> float:
-    """Sum of every sample of `name` whose labels include `labels`."""
-    total = 0.0
-    for (n, lbls), value in samples.items():
-        d = dict(lbls)
-        if n == name and all(d.get(k) == v for k, v in labels.items()):
-            total += value
-    return total
-
-
 def upstream_errors(samples, version: str, kind: str) -> float:
-    return metric(
+    return metric_sum(
         samples, "graygate_upstream_errors_total", route="shop", version=version, kind=kind
     )
 
@@ -162,8 +140,8 @@ async def get(url: str, **kw) -> tuple[int, CIMultiDict[str], bytes, float]:
 async def wait_unavailable(gw, version: str, within: float = 3.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        samples = await scrape(gw)
-        if metric(samples, "graygate_endpoint_available", version=version) == 0 and any(
+        samples = await scrape_samples(gw)
+        if metric_sum(samples, "graygate_endpoint_available", version=version) == 0 and any(
             n == "graygate_endpoint_available" and dict(lbls).get("version") == version
             for n, lbls in samples
         ):
@@ -208,7 +186,7 @@ async def test_refused_endpoint_is_retried_on_the_other_endpoint(upstreams, gate
         assert headers["X-Upstream"] == "blue"
     assert [r["path"] for r in good.requests] == [f"/r{i}" for i in range(6)]
     # The refused endpoint really was tried first at least once (and then retried).
-    assert upstream_errors(await scrape(gw), "blue", "connect") >= 1
+    assert upstream_errors(await scrape_samples(gw), "blue", "connect") >= 1
 
 
 async def test_all_endpoints_refused_is_a_quick_502(gateway):
@@ -225,9 +203,12 @@ async def test_upstream_errors_metric_counts_refused_connects(gateway):
     for _ in range(3):
         status, *_ = await get(gw.url + "/")
         assert status == 502
-    samples = await scrape(gw)
+    samples = await scrape_samples(gw)
     assert upstream_errors(samples, "blue", "connect") == 3
-    assert metric(samples, "graygate_requests_total", route="shop", version="blue", code="502") == 3
+    assert (
+        metric_sum(samples, "graygate_requests_total", route="shop", version="blue", code="502")
+        == 3
+    )
 
 
 async def test_no_available_endpoint_is_503_with_retry_after(upstreams, gateway):
@@ -261,7 +242,7 @@ async def test_upstream_slower_than_read_timeout_is_504(raw_upstreams, gateway):
     assert 0.4 <= elapsed <= 2.0
     assert len(body) < 300
     assert len(slow.requests) == 1  # a GET that timed out after being sent is not re-sent
-    assert upstream_errors(await scrape(gw), "blue", "timeout") == 1
+    assert upstream_errors(await scrape_samples(gw), "blue", "timeout") == 1
 
 
 # -- malformed and truncated responses ---------------------------------------------------------
@@ -291,7 +272,7 @@ async def test_garbage_response_is_502_and_connection_discarded(raw_upstreams, g
         assert (status, body) == (200, b"ok")
     # The connection that carried garbage was thrown away, never reused.
     assert up.connections >= 2
-    assert upstream_errors(await scrape(gw), "blue", "protocol") == 1
+    assert upstream_errors(await scrape_samples(gw), "blue", "protocol") == 1
 
 
 async def test_bad_chunked_framing_never_looks_complete(raw_upstreams, gateway):
@@ -350,7 +331,7 @@ async def test_upstream_reset_mid_body_is_truncated(raw_upstreams, gateway, how)
     assert head.startswith(b"HTTP/1.1 200")
     assert b"content-length: 1000000" in head.lower()
     assert len(body) < 1000000
-    samples = await scrape(gw)
+    samples = await scrape_samples(gw)
     assert upstream_errors(samples, "blue", "reset") == 2
 
 
@@ -475,8 +456,8 @@ async def test_failing_endpoint_is_ejected_for_the_ejection_time(upstreams, gate
         assert time.monotonic() - t0 < 1.5  # all of it inside the 2 s ejection
         assert len(bad.requests) == 3
         assert statuses.count(500) == 3 and statuses.count(200) == 27
-        samples = await scrape(gw)
-        assert metric(samples, "graygate_endpoint_available", endpoint=bad.url) == 0
+        samples = await scrape_samples(gw)
+        assert metric_sum(samples, "graygate_endpoint_available", endpoint=bad.url) == 0
         await asyncio.sleep(2.2)  # the ejection ends: the endpoint gets traffic again
         for i in range(20):
             async with s.get(f"{gw.url}/b{i}") as r:
@@ -501,7 +482,7 @@ async def test_single_refusing_endpoint_is_never_ejected(gateway):
     for _ in range(6):
         status, headers, _, _ = await get(gw.url + "/")
         assert (status, headers["X-Graygate-Error"]) == (502, "connect")
-    assert upstream_errors(await scrape(gw), "blue", "connect") == 6
+    assert upstream_errors(await scrape_samples(gw), "blue", "connect") == 6
 
 
 # -- failover ----------------------------------------------------------------------------------
@@ -518,13 +499,15 @@ async def test_failover_when_green_refuses(upstreams, gateway):
         assert status == 200, body
         assert headers["X-Graygate-Version"] == "blue"
         assert headers["X-Upstream"] == "blue"
-    samples = await scrape(gw)
-    green_errors = metric(samples, "graygate_requests_total", route="shop", version="green") - sum(
-        metric(samples, "graygate_requests_total", route="shop", version="green", code=str(c))
+    samples = await scrape_samples(gw)
+    green_errors = metric_sum(
+        samples, "graygate_requests_total", route="shop", version="green"
+    ) - sum(
+        metric_sum(samples, "graygate_requests_total", route="shop", version="green", code=str(c))
         for c in range(100, 500)
     )
     assert green_errors >= 1
-    assert metric(samples, "graygate_requests_total", version="blue", reason="failover") == 3
+    assert metric_sum(samples, "graygate_requests_total", version="blue", reason="failover") == 3
 
 
 async def test_failover_when_green_is_unhealthy(upstreams, gateway):
@@ -539,9 +522,9 @@ async def test_failover_when_green_is_unhealthy(upstreams, gateway):
         assert status == 200
         assert headers["X-Graygate-Version"] == "blue"
     assert [r["path"] for r in green.requests if r["path"] != "/healthz"] == []
-    samples = await scrape(gw)
-    assert metric(samples, "graygate_requests_total", version="green", code="503") == 3
-    assert metric(samples, "graygate_requests_total", version="blue", reason="failover") == 3
+    samples = await scrape_samples(gw)
+    assert metric_sum(samples, "graygate_requests_total", version="green", code="503") == 3
+    assert metric_sum(samples, "graygate_requests_total", version="blue", reason="failover") == 3
 
 
 async def test_without_failover_unavailable_green_is_503(upstreams, gateway):
@@ -575,6 +558,6 @@ async def test_upstream_5xx_passes_through_unchanged(upstreams, gateway, code):
     assert headers["X-Why"] == "maintenance"
     assert "X-Graygate-Error" not in headers
     assert len(up.requests) == 1
-    samples = await scrape(gw)
-    assert metric(samples, "graygate_requests_total", version="blue", code=str(code)) == 1
-    assert metric(samples, "graygate_upstream_errors_total") == 0
+    samples = await scrape_samples(gw)
+    assert metric_sum(samples, "graygate_requests_total", version="blue", code=str(code)) == 1
+    assert metric_sum(samples, "graygate_upstream_errors_total") == 0
