@@ -17,12 +17,9 @@ from proxy.core.config.model import (
     CohortSource,
     Config,
     CookieConfig,
-    Endpoint,
     ForceRule,
-    Match,
     RouteConfig,
     StickyConfig,
-    VersionConfig,
 )
 from proxy.core.router import (
     BUCKETS,
@@ -35,31 +32,7 @@ from proxy.core.router import (
     valid_cohort_value,
 )
 from proxy.core.state import RolloutStatus, RoutePolicy, RouteState, compile_policy
-from tests.helpers import ROOT
-
-EP = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)
-
-
-def route_config(
-    name: str = "shop",
-    *,
-    host: str = "*",
-    prefix: str = "/",
-    versions: tuple[str, ...] = ("blue", "green"),
-    weights: tuple[int, ...] = (100, 0),
-    stable: str = "blue",
-    sticky: StickyConfig | None = None,
-    force: tuple[ForceRule, ...] = (),
-) -> RouteConfig:
-    return RouteConfig(
-        name=name,
-        match=Match(host=host, path_prefix=prefix),
-        versions=tuple(VersionConfig(v, (EP,)) for v in versions),
-        stable=stable,
-        weights=tuple(zip(versions, weights, strict=True)),
-        sticky=sticky,
-        force=force,
-    )
+from tests.helpers import ROOT, route_model
 
 
 def compiled(rc: RouteConfig, state: RouteState | None = None) -> RoutePolicy:
@@ -157,7 +130,7 @@ def test_buckets_are_uniform():
 @settings(max_examples=25, derandomize=True, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 2**32))
 def test_weighted_share_follows_weights(w, seed):
-    route = with_canary_weight(route_config(), w)
+    route = with_canary_weight(route_model(), w)
     rng = random.Random(seed)
     n = 4000
     hits = 0
@@ -174,13 +147,13 @@ EDGE_ROLLS = [0.0, 1e-300, 0.0099999, 0.01, 0.5, 0.99, math.nextafter(1.0, 0.0)]
 
 @pytest.mark.parametrize("roll", EDGE_ROLLS)
 def test_weight_zero_and_hundred_are_exact_for_draws(roll):
-    assert choose(with_canary_weight(route_config(), 0), {}, {}, roll, no_mint).version == "blue"
-    assert choose(with_canary_weight(route_config(), 100), {}, {}, roll, no_mint).version == "green"
+    assert choose(with_canary_weight(route_model(), 0), {}, {}, roll, no_mint).version == "blue"
+    assert choose(with_canary_weight(route_model(), 100), {}, {}, roll, no_mint).version == "green"
 
 
 @given(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 100))
 def test_draw_boundary_is_at_the_weight(roll, w):
-    route = with_canary_weight(route_config(), w)
+    route = with_canary_weight(route_model(), w)
     version = choose(route, {}, {}, roll, no_mint).version
     # blue comes first in version order: it owns rolls [0, (100 - w) / 100)
     assert version == ("blue" if roll * 100 < 100 - w else "green")
@@ -190,13 +163,13 @@ def test_draw_boundary_is_at_the_weight(roll, w):
 def test_draw_boundary_roll_goes_to_the_upper_interval(w, roll):
     # rolls are [0, 1): blue owns [0, (100 - w) / 100), so the boundary roll is green's
     assert roll * 100 == 100 - w
-    route = with_canary_weight(route_config(), w)
+    route = with_canary_weight(route_model(), w)
     assert choose(route, {}, {}, roll, no_mint).version == "green"
     assert choose(route, {}, {}, math.nextafter(roll, 0.0), no_mint).version == "blue"
 
 
 def test_single_version_route_always_picks_it():
-    rc = route_config(versions=("blue",), weights=(100,))
+    rc = route_model(versions=("blue",), weights=(100,))
     route = compiled(rc)
     assert route.canary is None
     for roll in EDGE_ROLLS:
@@ -209,7 +182,7 @@ def test_single_version_route_always_picks_it():
 @settings(max_examples=20, derandomize=True, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 2**32))
 def test_cohort_share_follows_weight(w, seed):
-    route = with_canary_weight(route_config(sticky=STICKY), w)
+    route = with_canary_weight(route_model(sticky=STICKY), w)
     rng = random.Random(seed)
     n = 4000
     hits = 0
@@ -223,7 +196,7 @@ def test_cohort_share_follows_weight(w, seed):
 @given(st.text(min_size=1, max_size=40), st.integers(0, 100), st.integers(0, 100))
 def test_moving_the_weight_moves_users_one_way_only(key, w1, w2):
     low, high = sorted((w1, w2))
-    rc = route_config(sticky=STICKY)
+    rc = route_model(sticky=STICKY)
     at_low = choose(with_canary_weight(rc, low), {"x-user-id": key}, {}, 0.5, no_mint).version
     at_high = choose(with_canary_weight(rc, high), {"x-user-id": key}, {}, 0.5, no_mint).version
     # Raising never moves canary -> stable; lowering never moves stable -> canary.
@@ -232,7 +205,7 @@ def test_moving_the_weight_moves_users_one_way_only(key, w1, w2):
 
 @given(st.text(min_size=1, max_size=40), st.floats(0.0, 1.0, exclude_max=True))
 def test_cohort_choice_ignores_roll_and_is_stable(key, roll):
-    route = with_canary_weight(route_config(sticky=STICKY), 37)
+    route = with_canary_weight(route_model(sticky=STICKY), 37)
     a = choose(route, {"x-user-id": key}, {}, roll, no_mint)
     b = choose(route, {"x-user-id": key}, {}, 0.0, no_mint)
     assert a == b
@@ -240,7 +213,7 @@ def test_cohort_choice_ignores_roll_and_is_stable(key, roll):
 
 
 def test_cohort_weight_zero_and_hundred_are_exact():
-    rc = route_config(sticky=STICKY)
+    rc = route_model(sticky=STICKY)
     keys = [str(i) for i in range(3000)]
     assert {
         choose(with_canary_weight(rc, 0), {"x-user-id": k}, {}, 0.9, no_mint).version for k in keys
@@ -252,7 +225,7 @@ def test_cohort_weight_zero_and_hundred_are_exact():
 
 
 def test_rollback_and_rerollout_expose_the_same_users_first():
-    rc = route_config(sticky=STICKY)
+    rc = route_model(sticky=STICKY)
     keys = [f"u{i}" for i in range(2000)]
 
     def canary_users(w):
@@ -268,7 +241,7 @@ def test_rollback_and_rerollout_expose_the_same_users_first():
 
 
 def test_cohort_key_sources_in_order():
-    route = with_canary_weight(route_config(sticky=STICKY), 50)
+    route = with_canary_weight(route_model(sticky=STICKY), 50)
     salt = route.salt
 
     def expected(key):
@@ -295,7 +268,7 @@ def test_cohort_key_sources_in_order():
 
 def test_cookie_name_is_configurable():
     sticky = StickyConfig(cookie=CookieConfig(name="cohort"))
-    route = with_canary_weight(route_config(sticky=sticky), 50)
+    route = with_canary_weight(route_model(sticky=sticky), 50)
     assert route.needs_cookies
     c = choose(route, {}, {"cohort": "abc", "gg_uid": "zzz"}, 0.0, no_mint)
     assert c.new_cookie is None
@@ -306,7 +279,7 @@ def test_cookie_name_is_configurable():
     "bad", ["x" * 129, "a b", "a;b", 'quo"te', "ü", "a,b", "tab\tx", "\x00", "a=b"]
 )
 def test_bad_client_cohort_cookie_is_replaced(bad):
-    route = with_canary_weight(route_config(sticky=StickyConfig()), 50)
+    route = with_canary_weight(route_model(sticky=StickyConfig()), 50)
     mint, calls = counting_mint()
     c = choose(route, {}, {"gg_uid": bad}, 0.0, mint)
     assert calls == ["minted0"]
@@ -316,7 +289,7 @@ def test_bad_client_cohort_cookie_is_replaced(bad):
 @given(st.text(alphabet="abcXYZ019-_.~!", min_size=1, max_size=128))
 def test_good_client_cohort_cookie_is_kept(value):
     assert valid_cohort_value(value)
-    route = with_canary_weight(route_config(sticky=StickyConfig()), 50)
+    route = with_canary_weight(route_model(sticky=StickyConfig()), 50)
     c = choose(route, {}, {"gg_uid": value}, 0.0, no_mint)
     assert c.new_cookie is None
 
@@ -328,13 +301,13 @@ def test_cohort_value_limits():
 
 
 def test_minted_cookie_is_issued_even_without_a_canary():
-    rc = route_config(versions=("blue",), weights=(100,), sticky=StickyConfig())
+    rc = route_model(versions=("blue",), weights=(100,), sticky=StickyConfig())
     mint, _calls = counting_mint()
     assert choose(compiled(rc), {}, {}, 0.3, mint) == Choice("blue", "cohort", "minted0")
 
 
 def test_sticky_salt_overrides_route_name():
-    route = with_canary_weight(route_config(sticky=StickyConfig(keys=STICKY.keys, salt="s2")), 50)
+    route = with_canary_weight(route_model(sticky=StickyConfig(keys=STICKY.keys, salt="s2")), 50)
     assert route.salt == b"s2"
     keys = [str(i) for i in range(300)]
     got = [choose(route, {"x-user-id": k}, {}, 0.0, no_mint).version for k in keys]
@@ -343,7 +316,7 @@ def test_sticky_salt_overrides_route_name():
 
 def test_rollout_canary_role_is_used_for_cohorts():
     # green is stable; blue is the canary of a running rollout at 30 %
-    rc = route_config(sticky=STICKY, stable="green")
+    rc = route_model(sticky=STICKY, stable="green")
     state = RouteState(
         weights=(("blue", 30), ("green", 70)),
         stable="green",
@@ -362,7 +335,7 @@ def test_rollout_canary_role_is_used_for_cohorts():
 @pytest.mark.parametrize("sticky", [None, STICKY])
 @pytest.mark.parametrize("w", [0, 40, 100])
 def test_force_rules_win_over_any_weight(sticky, w):
-    route = with_canary_weight(route_config(sticky=sticky, force=FORCE), w)
+    route = with_canary_weight(route_model(sticky=sticky, force=FORCE), w)
     for roll in EDGE_ROLLS:
         facts = {"x-user-id": "u1"}
         assert choose(route, {"x-canary": "always", **facts}, {}, roll, no_mint) == Choice(
@@ -385,7 +358,7 @@ def test_force_rules_win_over_any_weight(sticky, w):
     st.text(max_size=20),
 )
 def test_force_header_always_wins_property(w, roll, user):
-    route = with_canary_weight(route_config(sticky=STICKY, force=FORCE), w)
+    route = with_canary_weight(route_model(sticky=STICKY, force=FORCE), w)
     c = choose(route, {"x-canary": "always", "x-user-id": user}, {"session": user}, roll, no_mint)
     assert c == Choice("green", "force_header")
 
@@ -395,13 +368,13 @@ def test_force_rules_apply_in_order():
         ForceRule("header", "x-a", "1", None, "stable"),
         ForceRule("header", "x-b", "1", None, "canary"),
     )
-    route = with_canary_weight(route_config(force=force), 50)
+    route = with_canary_weight(route_model(force=force), 50)
     assert choose(route, {"x-a": "1", "x-b": "1"}, {}, 0.99, no_mint).version == "blue"
     assert choose(route, {"x-b": "1"}, {}, 0.0, no_mint).version == "green"
 
 
 def test_force_regex_is_a_full_match_and_values_are_exact():
-    route = with_canary_weight(route_config(force=FORCE), 0)
+    route = with_canary_weight(route_model(force=FORCE), 0)
     for value in ["yes!", "ayes", "YES", "alwaysx", ""]:
         assert choose(route, {}, {"canary": value}, 0.0, no_mint) == Choice("blue", "weight")
     for value in ["Always", "always ", "nope"]:
@@ -411,13 +384,13 @@ def test_force_regex_is_a_full_match_and_values_are_exact():
 
 
 def test_force_to_canary_without_a_canary_goes_to_stable():
-    rc = route_config(versions=("blue",), weights=(100,), force=FORCE[:1])
+    rc = route_model(versions=("blue",), weights=(100,), force=FORCE[:1])
     route = compiled(rc)
     assert choose(route, {"x-canary": "always"}, {}, 0.5, no_mint) == Choice("blue", "force_header")
 
 
 def test_force_to_canary_follows_the_rollout_canary():
-    rc = route_config(force=FORCE[:2], stable="green", weights=(0, 100))
+    rc = route_model(force=FORCE[:2], stable="green", weights=(0, 100))
     state = RouteState(
         weights=(("blue", 0), ("green", 100)),
         stable="green",
@@ -437,9 +410,9 @@ def routing(*routes: RouteConfig):
 
 def test_match_route_first_match_in_config_order_wins():
     policy = routing(
-        route_config("api", prefix="/api"),
-        route_config("api-v2", prefix="/api/v2"),  # shadowed by "api": config order wins
-        route_config("all"),
+        route_model("api", prefix="/api"),
+        route_model("api-v2", prefix="/api/v2"),  # shadowed by "api": config order wins
+        route_model("all"),
     )
     assert match_route(policy, "x", "/api/v2/items").name == "api"
     assert match_route(policy, "x", "/apix").name == "api"  # plain prefix, as nginx/Envoy
@@ -448,22 +421,22 @@ def test_match_route_first_match_in_config_order_wins():
 
 
 def test_match_route_path_prefix_ignores_query():
-    policy = routing(route_config("long", prefix="/search/all"), route_config("all"))
+    policy = routing(route_model("long", prefix="/search/all"), route_model("all"))
     assert match_route(policy, "h", "/search?x=/all").name == "all"
     assert match_route(policy, "h", "/search/all?x=1").name == "long"
     assert match_route(policy, "h", "/search/all").name == "long"
     # only a prefix that itself holds "?" can tell the query apart from the path
-    odd = routing(route_config("odd", prefix="/search?"))
+    odd = routing(route_model("odd", prefix="/search?"))
     assert match_route(odd, "h", "/search?x=1") is None
     assert match_route(odd, "h", "/search") is None
 
 
 def test_match_route_hosts():
     policy = routing(
-        route_config("exact", host="shop.example.com"),
-        route_config("wild", host="*.example.com"),
-        route_config("v6", host="[::1]"),
-        route_config("ip", host="127.0.0.1", prefix="/ip"),
+        route_model("exact", host="shop.example.com"),
+        route_model("wild", host="*.example.com"),
+        route_model("v6", host="[::1]"),
+        route_model("ip", host="127.0.0.1", prefix="/ip"),
     )
     assert match_route(policy, "shop.example.com", "/").name == "exact"
     assert match_route(policy, "SHOP.Example.COM:8080", "/").name == "exact"
@@ -481,7 +454,7 @@ def test_match_route_hosts():
 
 
 def test_match_route_star_matches_every_host():
-    policy = routing(route_config("only", host="example.org"), route_config("any", host="*"))
+    policy = routing(route_model("only", host="example.org"), route_model("any", host="*"))
     for host in ["", "x", "EXAMPLE.ORG.evil", "[::1]:1", "10.0.0.1:80"]:
         assert match_route(policy, host, "/p").name == "any"
     assert match_route(policy, "Example.Org:80", "/p").name == "only"
@@ -499,10 +472,10 @@ def test_match_route_empty_policy():
 )
 def test_match_route_agrees_with_a_plain_model(name, port, upper, path):
     configs = [
-        route_config("r0", host="shop.example.com", prefix="/api"),
-        route_config("r1", host="*.example.com", prefix="/"),
-        route_config("r2", host="example.com", prefix="/api"),
-        route_config("r3", host="*", prefix="/api/"),
+        route_model("r0", host="shop.example.com", prefix="/api"),
+        route_model("r1", host="*.example.com", prefix="/"),
+        route_model("r2", host="example.com", prefix="/api"),
+        route_model("r3", host="*", prefix="/api/"),
     ]
     policy = routing(*configs)
     host = (name.upper() if upper else name) + port

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,13 +14,10 @@ from hypothesis import strategies as st
 from proxy.core.config.model import (
     CohortSource,
     Config,
-    Endpoint,
     ForceRule,
-    Match,
     PauseStep,
     RouteConfig,
     StickyConfig,
-    VersionConfig,
     WeightStep,
 )
 from proxy.core.state import (
@@ -32,30 +30,12 @@ from proxy.core.state import (
     rollout_from_json,
     rollout_to_json,
 )
+from tests.helpers import route_model
 
-EP = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)
 
-
-def route_config(
-    name: str = "shop",
-    *,
-    host: str = "*",
-    prefix: str = "/",
-    versions: tuple[str, ...] = ("blue", "green"),
-    weights: tuple[int, ...] = (90, 10),
-    stable: str = "blue",
-    sticky: StickyConfig | None = None,
-    force: tuple[ForceRule, ...] = (),
-) -> RouteConfig:
-    return RouteConfig(
-        name=name,
-        match=Match(host=host, path_prefix=prefix),
-        versions=tuple(VersionConfig(v, (EP,)) for v in versions),
-        stable=stable,
-        weights=tuple(zip(versions, weights, strict=True)),
-        sticky=sticky,
-        force=force,
-    )
+def route_config(name: str = "shop", **kw: Any) -> RouteConfig:
+    """route_model with this file's default weights: 90/10."""
+    return route_model(name, **{"weights": (90, 10), **kw})
 
 
 def config(*routes: RouteConfig) -> Config:

@@ -5,7 +5,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
   (one response with exact HTTP/1.1 framing), RawClient and Resp (a raw connection), status_of
 - upstreams: Upstream and version_app (real aiohttp upstreams), ScriptedUpstream (a raw
   loopback server that answers scripted bytes), read_request
-- builders: route_config
+- builders: route_config (the YAML dict of a route), route_model (a RouteConfig)
 - gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
 - waiting: wait_until
 - metrics: scrape_samples, metric_sum, metric_value (/metrics parsed by prometheus_client)
@@ -15,7 +15,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - openapi_check (not re-exported: it loads the admin OpenAPI document): ResponseChecker, DOC
 """
 
-from tests.helpers.builders import route_config
+from tests.helpers.builders import route_config, route_model
 from tests.helpers.client import (
     RawClient,
     Resp,
@@ -62,6 +62,7 @@ __all__ = [
     "read_request",
     "read_response",
     "route_config",
+    "route_model",
     "scrape_samples",
     "start_gateway",
     "status_of",

@@ -1,8 +1,18 @@
-"""Route and config builders: the dicts graygate's YAML holds, before parse_config."""
+"""Route and config builders: route_config is the dict graygate's YAML holds (before
+parse_config), route_model the parsed RouteConfig."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from proxy.core.config.model import (
+    Endpoint,
+    ForceRule,
+    Match,
+    RouteConfig,
+    StickyConfig,
+    VersionConfig,
+)
 
 
 def route_config(
@@ -22,3 +32,29 @@ def route_config(
     }
     route.update(extra)
     return route
+
+
+ENDPOINT = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)
+
+
+def route_model(
+    name: str = "shop",
+    *,
+    host: str = "*",
+    prefix: str = "/",
+    versions: tuple[str, ...] = ("blue", "green"),
+    weights: tuple[int, ...] = (100, 0),
+    stable: str = "blue",
+    sticky: StickyConfig | None = None,
+    force: tuple[ForceRule, ...] = (),
+) -> RouteConfig:
+    """A parsed route (RouteConfig) without the loader, every version on one endpoint."""
+    return RouteConfig(
+        name=name,
+        match=Match(host=host, path_prefix=prefix),
+        versions=tuple(VersionConfig(v, (ENDPOINT,)) for v in versions),
+        stable=stable,
+        weights=tuple(zip(versions, weights, strict=True)),
+        sticky=sticky,
+        force=force,
+    )
