@@ -20,6 +20,7 @@ from proxy.core.config.load import parse_config
 from proxy.core.config.model import PauseStep, RouteConfig, SourceName, WeightStep
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
+from tests.helpers import route_config
 
 INTERVAL = 3.0
 LAG = 1.0
@@ -62,20 +63,13 @@ BAD = (Sample(300, 60), Sample(3000, 3))
 
 
 def setup(source: ScriptedSource, writer: Any = None, steps: list[int] | None = None) -> Any:
-    route = {
-        "name": "shop",
-        "versions": {
-            "blue": {"endpoints": ["http://127.0.0.1:9"]},
-            "green": {"endpoints": ["http://127.0.0.1:10"]},
-        },
-        "stable": "blue",
-        "rollout": {
-            "steps": steps or [10, 50],
-            "interval": INTERVAL,
-            "failure_limit": 2,
-            "analysis": {"min_samples": 100, "max_p99_latency": None, "max_latency_ratio": None},
-        },
+    rollout_ = {
+        "steps": steps or [10, 50],
+        "interval": INTERVAL,
+        "failure_limit": 2,
+        "analysis": {"min_samples": 100, "max_p99_latency": None, "max_latency_ratio": None},
     }
+    route = route_config("http://127.0.0.1:9", "http://127.0.0.1:10", rollout=rollout_)
     config = parse_config({"routes": [route]}, env={})
     store = PolicyStore(config)
     clock = Clock(1000.0)

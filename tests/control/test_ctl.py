@@ -13,28 +13,14 @@ from proxy.control.store.events import EventLog
 from proxy.core.config.load import parse_config
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
+from tests.helpers import route_config
 
 TOKEN = "ctl-token"
 
 
 def make_config():
-    return parse_config(
-        {
-            "routes": [
-                {
-                    "name": "shop",
-                    "match": {"host": "*", "path_prefix": "/"},
-                    "versions": {
-                        "blue": {"endpoints": ["http://127.0.0.1:9001"]},
-                        "green": {"endpoints": ["http://127.0.0.1:9002"]},
-                    },
-                    "stable": "blue",
-                    "weights": {"blue": 100, "green": 0},
-                }
-            ]
-        },
-        env={},
-    )
+    route = route_config("http://127.0.0.1:9001", "http://127.0.0.1:9002")
+    return parse_config({"routes": [route]}, env={})
 
 
 class Admin:

@@ -16,21 +16,13 @@ from aiohttp import web
 from proxy.control.source import LocalSource, PrometheusSource, SourceError, Sources, _per_bucket
 from proxy.core.config.load import parse_config
 from proxy.core.stats import Stats
-from tests.helpers import free_port
+from tests.helpers import free_port, route_config
 
 START, END = 1000.0, 1003.0
 
 
 def config(**prometheus: Any) -> Any:
-    route = {
-        "name": "shop",
-        "versions": {
-            "blue": {"endpoints": ["http://127.0.0.1:9"]},
-            "green": {"endpoints": ["http://127.0.0.1:10"]},
-        },
-        "stable": "blue",
-        "rollout": {"interval": "3s"},
-    }
+    route = route_config("http://127.0.0.1:9", "http://127.0.0.1:10", rollout={"interval": "3s"})
     return parse_config(
         {
             "analysis": {

@@ -23,19 +23,11 @@ from proxy.core.config.model import ConfigError
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.channel import HEADER, Ack, Channel, Figures, Policy, frame
-from tests.helpers import ROOT, FakeTransport
+from tests.helpers import ROOT, FakeTransport, route_config
 
 
 def config(**top: Any):
-    route = {
-        "name": "shop",
-        "match": {"host": "*", "path_prefix": "/"},
-        "versions": {
-            "blue": {"endpoints": ["http://127.0.0.1:9001"]},
-            "green": {"endpoints": ["http://127.0.0.1:9002"]},
-        },
-        "stable": "blue",
-    }
+    route = route_config("http://127.0.0.1:9001", "http://127.0.0.1:9002")
     return parse_config({"routes": [route], **top}, env={})
 
 
