@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import uvloop
-from aiohttp import web
 
 # tests/ is not a package and pytest puts only tests/ itself on sys.path: the checkout goes
 # at the end, for `tests.helpers`, so that `import proxy` stays whichever copy is installed.
@@ -33,7 +32,7 @@ from tests.helpers import (  # noqa: E402
     ScriptedUpstream,
     Upstream,
     compiled_sources,
-    free_port,
+    serve_app,
     start_gateway,
     stop_gateway,
     version_app,
@@ -80,10 +79,7 @@ async def upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
 
     async def start(name: str, handler: Handler | None = None) -> Upstream:
         seen: list[dict[str, Any]] = []
-        runner = web.AppRunner(version_app(name, seen, handler), access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(version_app(name, seen, handler))
         up = Upstream(name, port, runner, seen)
         started.append(up)
         return up

@@ -17,12 +17,17 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from proxy.control.api import SERIES
 from proxy.control.controller import _Mark
-from tests.helpers import RunningGateway, free_port, route_config, start_gateway, stop_gateway
+from tests.helpers import (
+    RunningGateway,
+    route_config,
+    serve_app,
+    start_gateway,
+    stop_gateway,
+)
 from tests.helpers import version_app as make_version_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -63,10 +68,7 @@ async def browser() -> AsyncIterator[Browser]:
 async def upstream_urls() -> AsyncIterator[dict[str, str]]:
     runners, urls = [], {}
     for name in ("blue", "green"):
-        runner = web.AppRunner(make_version_app(name, [], None), access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(make_version_app(name, [], None))
         runners.append(runner)
         urls[name] = f"http://127.0.0.1:{port}"
     yield urls

@@ -33,7 +33,7 @@ from proxy.core.config.model import (
 )
 from proxy.core.rollout import decide, gate_for, hold_at_gate, pause, start
 from proxy.core.state import RouteState, rollout_from_json, rollout_to_json
-from tests.helpers import free_port, route_config, wait_until
+from tests.helpers import route_config, serve_app, wait_until
 
 PASS = Judgement("pass", (), {"canary_requests": 300})
 
@@ -156,8 +156,7 @@ async def gate_server() -> AsyncIterator[Callable[[], Any]]:
     runners: list[tuple[web.AppRunner, Gate]] = []
 
     async def start_gate() -> Gate:
-        port = free_port()
-        gate = Gate(f"http://127.0.0.1:{port}")
+        gate = Gate("")  # its url once it listens
 
         async def answer(request: web.Request) -> web.Response:
             body = json.loads(await request.read())
@@ -168,9 +167,8 @@ async def gate_server() -> AsyncIterator[Callable[[], Any]]:
 
         app = web.Application()
         app.router.add_post("/{tail:.*}", answer)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(app, shutdown_timeout=1.0)
+        gate.url = f"http://127.0.0.1:{port}"
         runners.append((runner, gate))
         return gate
 

@@ -24,7 +24,7 @@ from proxy.control.store.events import EventLog
 from proxy.core.config.describe import describe
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import ConfigError, NotificationConfig
-from tests.helpers import free_port, route_config, wait_until
+from tests.helpers import route_config, serve_app, wait_until
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -159,8 +159,7 @@ async def receiver() -> AsyncIterator[Callable[[Answer], Awaitable[Receiver]]]:
     runners: list[tuple[web.AppRunner, Receiver]] = []
 
     async def start(answer: Answer) -> Receiver:
-        port = free_port()
-        rec = Receiver(f"http://127.0.0.1:{port}")
+        rec = Receiver("")  # its url once it listens
         counts: dict[str, int] = {}
 
         async def hook(request: web.Request) -> web.Response:
@@ -172,9 +171,8 @@ async def receiver() -> AsyncIterator[Callable[[Answer], Awaitable[Receiver]]]:
 
         app = web.Application()
         app.router.add_post("/{tail:.*}", hook)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(app, shutdown_timeout=1.0)
+        rec.url = f"http://127.0.0.1:{port}"
         runners.append((runner, rec))
         return rec
 

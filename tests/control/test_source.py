@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.control.source import LocalSource, PrometheusSource, SourceError, Sources, _per_bucket
 from proxy.core.config.load import parse_config
 from proxy.core.stats import Stats
-from tests.helpers import free_port, route_config
+from tests.helpers import free_port, route_config, serve_app
 
 START, END = 1000.0, 1003.0
 
@@ -69,10 +69,7 @@ async def prom() -> Any:
     fake = FakePrometheus()
     app = web.Application()
     app.router.add_get("/api/v1/query", fake.query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     fake.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     yield fake
     await runner.cleanup()

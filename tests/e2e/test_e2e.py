@@ -21,12 +21,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from proxy import __version__
 from proxy.build import BUILD
-from tests.helpers import ROOT, Process, free_port, route_config
+from tests.helpers import ROOT, ConfigFile, Process, free_port, route_config
 
 # conftest's graygate_process leaves its log file handle to the garbage collector.
 MIB = 1024 * 1024
@@ -36,35 +35,11 @@ TIMEOUTS = {"connect": "500ms", "read": "1s", "request": "3s"}
 # ---- helpers -------------------------------------------------------------------------------
 
 
-class Cfg:
-    """A config file for `graygate serve` on free loopback ports, in the test's directory."""
+class Cfg(ConfigFile):
+    """A config file for `graygate serve` on free ports, with this file's TIMEOUTS."""
 
     def __init__(self, tmp_path: Path, routes: list[dict[str, Any]], **top: Any) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.path = tmp_path / "graygate.yaml"
-        self.state_path = tmp_path / "state.json"
-        self.data: dict[str, Any] = {
-            "listen": f"127.0.0.1:{self.port}",
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
-            "state": {"path": str(self.state_path)},
-            "timeouts": TIMEOUTS,
-            "grace_period": "5s",
-            "routes": routes,
-            **top,
-        }
-        self.write()
-
-    def write(self, data: dict[str, Any] | None = None) -> None:
-        self.path.write_text(yaml.safe_dump(data if data is not None else self.data))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        super().__init__(tmp_path, routes, **{"timeouts": TIMEOUTS, **top})
 
 
 def unused_endpoint() -> str:

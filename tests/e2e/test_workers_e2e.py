@@ -19,11 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from proxy.core.router import bucket
-from tests.helpers import Process, free_port, read_framed_body, route_config
+from tests.helpers import ConfigFile, Process, read_framed_body, route_config
 
 ACCESS = re.compile(
     r"graygate\.access\[(\d+)\]: \S+ \S+ (\S+) (\d+) route=(\S+) version=(\S+) reason=(\S+)"
@@ -32,37 +31,22 @@ PIDS = re.compile(r"workers serving on \S+: pids (\d+), (\d+)")
 MIB = 1024 * 1024
 
 
-class Gg:
+class Gg(ConfigFile):
     """A `graygate serve` with workers: 2 on free loopback ports, in the test's directory."""
 
     def __init__(self, tmp_path: Path, start: Callable[..., Process], routes: list[Any], **top):
         self.tmp_path = tmp_path
         self.start_process = start
-        self.port, self.admin_port = free_port(), free_port()
-        self.path = tmp_path / "graygate.yaml"
-        self.data: dict[str, Any] = {
-            "listen": f"127.0.0.1:{self.port}",
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
-            "state": {"path": str(tmp_path / "state.json")},
+        defaults = {
             "timeouts": {"connect": "500ms", "read": "5s", "request": "10s"},
-            "grace_period": "5s",
             "workers": 2,
             "access_log": True,
-            "routes": routes,
-            **top,
         }
-        self.write()
-
-    def write(self, data: dict[str, Any] | None = None) -> None:
-        self.path.write_text(yaml.safe_dump(data if data is not None else self.data))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(tmp_path, routes, **{**defaults, **top})
 
     @property
     def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return self.admin_url
 
     async def start(self) -> tuple[int, int]:
         self.p = self.start_process("serve", "-c", self.path.name)

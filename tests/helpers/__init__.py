@@ -4,8 +4,10 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - client: raw_request (send bytes, read until close), read_response / read_framed_body
   (one response with exact HTTP/1.1 framing), RawClient and Resp (a raw connection), status_of
 - upstreams: Upstream and version_app (real aiohttp upstreams), ScriptedUpstream (a raw
-  loopback server that answers scripted bytes), read_request
-- builders: route_config (the YAML dict of a route), route_model (a RouteConfig)
+  loopback server that answers scripted bytes), read_request, serve_app (any aiohttp app on
+  a free port)
+- builders: route_config (the YAML dict of a route), route_model (a RouteConfig),
+  ConfigFile (a graygate.yaml on free ports, for the real command)
 - gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
 - waiting: wait_until
 - metrics: scrape_samples, metric_sum, metric_value (/metrics parsed by prometheus_client)
@@ -15,7 +17,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - openapi_check (not re-exported: it loads the admin OpenAPI document): ResponseChecker, DOC
 """
 
-from tests.helpers.builders import route_config, route_model
+from tests.helpers.builders import ConfigFile, route_config, route_model
 from tests.helpers.client import (
     RawClient,
     Resp,
@@ -36,12 +38,14 @@ from tests.helpers.upstreams import (
     ScriptedUpstream,
     Upstream,
     read_request,
+    serve_app,
     version_app,
 )
 from tests.helpers.waiting import wait_until
 
 __all__ = [
     "ROOT",
+    "ConfigFile",
     "FakeTransport",
     "Handler",
     "Process",
@@ -64,6 +68,7 @@ __all__ = [
     "route_config",
     "route_model",
     "scrape_samples",
+    "serve_app",
     "start_gateway",
     "status_of",
     "stop_gateway",

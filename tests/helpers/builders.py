@@ -3,7 +3,10 @@ parse_config), route_model the parsed RouteConfig."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from proxy.core.config.model import (
     Endpoint,
@@ -13,6 +16,7 @@ from proxy.core.config.model import (
     StickyConfig,
     VersionConfig,
 )
+from tests.helpers.net import free_port
 
 
 def route_config(
@@ -32,6 +36,37 @@ def route_config(
     }
     route.update(extra)
     return route
+
+
+class ConfigFile:
+    """A config file for `graygate serve` on free loopback ports, as graygate.yaml in
+    `directory` (state in state.json beside it); `top` adds or replaces top-level keys."""
+
+    def __init__(self, directory: Path, routes: list[dict[str, Any]], **top: Any) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.path = directory / "graygate.yaml"
+        self.state_path = directory / "state.json"
+        self.data: dict[str, Any] = {
+            "listen": f"127.0.0.1:{self.port}",
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "state": {"path": str(self.state_path)},
+            "grace_period": "5s",
+            "routes": routes,
+            **top,
+        }
+        self.write()
+
+    def write(self, data: dict[str, Any] | None = None) -> None:
+        self.path.write_text(yaml.safe_dump(data if data is not None else self.data))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
 
 ENDPOINT = Endpoint("http://127.0.0.1:9", "127.0.0.1", 9)

@@ -11,6 +11,18 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers.net import free_port
+
+
+async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free loopback port: (its runner, to clean up; the port)."""
+    started = web.AppRunner(app, **{"access_log": None, **runner})
+    await started.setup()
+    port = free_port()
+    await web.TCPSite(started, "127.0.0.1", port).start()
+    return started, port
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
