@@ -7,7 +7,6 @@ Which worker served a request comes from the access log (`graygate.access[pid]`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -22,7 +21,14 @@ import pytest
 from aiohttp import web
 
 from proxy.core.router import bucket
-from tests.helpers import ConfigFile, Process, read_framed_body, route_config
+from tests.helpers import (
+    ConfigFile,
+    Process,
+    RawClient,
+    metric_sum,
+    parse_samples,
+    route_config,
+)
 
 ACCESS = re.compile(
     r"graygate\.access\[(\d+)\]: \S+ \S+ (\S+) (\d+) route=(\S+) version=(\S+) reason=(\S+)"
@@ -112,42 +118,16 @@ class Gg(ConfigFile):
             return await r.text()
 
 
-class Conn:
+class Conn(RawClient):
     """One keep-alive client connection: requests go out one at a time, in order."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> Conn:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def get(
         self, path: str, headers: dict[str, str] | None = None
     ) -> tuple[int, dict, bytes]:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: shop\r\n{extra}\r\n".encode())
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        fields = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                fields[name.strip().lower()] = value.strip()
-        body = await read_framed_body(
-            self.reader,
-            "GET",
-            status,
-            fields.get("transfer-encoding"),
-            fields.get("content-length"),
-        )
-        return status, fields, body
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
+        await self.send(f"GET {path} HTTP/1.1\r\nHost: shop\r\n{extra}\r\n".encode())
+        resp = await self.response(timeout=10)
+        return resp.status, dict(resp.headers), resp.body
 
 
 OPENED: list[Conn] = []
@@ -172,11 +152,7 @@ async def close_all(conns: list[Conn]) -> None:
 
 
 def requests_total(text: str) -> int:
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("graygate_requests_total{")
-    )
+    return int(metric_sum(parse_samples(text), "graygate_requests_total"))
 
 
 def vm_hwm_mib(pid: int) -> float:

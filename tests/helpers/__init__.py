@@ -1,7 +1,8 @@
 """What the tests share as functions and classes (fixtures stay in conftest.py, which
 builds them from these). Import from here: `from tests.helpers import route_config`.
 
-- client: raw_request (send bytes, read until close), read_response / read_framed_body
+- client: raw_request (send bytes, read until close), raw_exchange (the same, and whether
+  the server closed), read_response / read_framed_body
   (one response with exact HTTP/1.1 framing), RawClient and Resp (a raw connection), status_of
 - upstreams: Upstream and version_app (real aiohttp upstreams), ScriptedUpstream (a raw
   loopback server that answers scripted bytes), read_request, serve_app (any aiohttp app on
@@ -10,7 +11,8 @@ builds them from these). Import from here: `from tests.helpers import route_conf
   ConfigFile (a graygate.yaml on free ports, for the real command)
 - gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
 - waiting: wait_until
-- metrics: scrape_samples, metric_sum, metric_value (/metrics parsed by prometheus_client)
+- metrics: scrape_samples, parse_samples, metric_sum, metric_value (/metrics parsed by
+  prometheus_client)
 - fakes: FakeTransport (a socket-free asyncio transport)
 - net, paths, processes: free_port, wait_port, ROOT, compiled_sources, module_of,
   Process, RedisServer
@@ -21,6 +23,7 @@ from tests.helpers.builders import ConfigFile, route_config, route_model
 from tests.helpers.client import (
     RawClient,
     Resp,
+    raw_exchange,
     raw_request,
     read_framed_body,
     read_response,
@@ -28,7 +31,7 @@ from tests.helpers.client import (
 )
 from tests.helpers.fakes import FakeTransport
 from tests.helpers.gateway import RunningGateway, start_gateway, stop_gateway
-from tests.helpers.metrics import metric_sum, metric_value, scrape_samples
+from tests.helpers.metrics import metric_sum, metric_value, parse_samples, scrape_samples
 from tests.helpers.net import free_port, wait_port
 from tests.helpers.paths import ROOT, compiled_sources, module_of
 from tests.helpers.processes import Process, RedisServer
@@ -61,6 +64,8 @@ __all__ = [
     "metric_sum",
     "metric_value",
     "module_of",
+    "parse_samples",
+    "raw_exchange",
     "raw_request",
     "read_framed_body",
     "read_request",

@@ -37,6 +37,32 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0, read_all: bo
             await writer.wait_closed()
 
 
+async def raw_exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes; return (everything answered, closed by the server within timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunks: list[bytes] = []
+    closed = False
+    try:
+        writer.write(data)
+        await writer.drain()
+        # Read inline (asyncio.timeout, no task in between): an answer followed by a reset
+        # is read before the reset replaces it.
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+            closed = True
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return b"".join(chunks), closed
+
+
 async def read_framed_body(
     reader: asyncio.StreamReader,
     method: str,
@@ -186,5 +212,5 @@ class RawClient:
 
     async def close(self) -> None:
         self.writer.close()
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(OSError):  # a reset, or a peer that is gone (kill -9)
             await self.writer.wait_closed()

@@ -15,7 +15,11 @@ async def scrape_samples(gw: Any) -> Samples:
     `gw` is a RunningGateway, or anything with an admin_url."""
     async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
         assert r.status == 200
-        text = await r.text()
+        return parse_samples(await r.text())
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of a /metrics text: {(name, sorted label pairs): value}."""
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

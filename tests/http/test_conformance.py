@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.helpers import read_framed_body, route_config
+from tests.helpers import raw_exchange, read_framed_body, route_config, status_of
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -109,23 +109,7 @@ async def client() -> AsyncIterator[Callable[[int], Awaitable[Client]]]:
 
 async def once(port: int, data: bytes, timeout: float = 3.0) -> bytes:
     """Send raw bytes on a fresh connection; everything answered until close or timeout."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        c = Client(reader, writer)
-        return await c.rest(timeout)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def status_of(data: bytes) -> int | None:
-    parts = data.split(b"\r\n", 1)[0].split(b" ")
-    if not data.startswith(b"HTTP/1.") or len(parts) < 2 or not parts[1].isdigit():
-        return None
-    return int(parts[1])
+    return (await raw_exchange(port, data, timeout))[0]
 
 
 def req(

@@ -6,13 +6,12 @@ reach the upstream, and must leave the proxy serving normal requests."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import aiohttp
 import pytest
 
-from tests.helpers import route_config, status_of
+from tests.helpers import raw_exchange, route_config, status_of
 
 HOSTILE_TIMEOUTS = {
     "connect": "500ms",
@@ -23,34 +22,6 @@ HOSTILE_TIMEOUTS = {
     "keepalive": "500ms",
 }
 LIMITS = {"max_header_bytes": "16k", "max_body_bytes": 1024}
-
-
-async def exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:
-    """Send raw bytes; return (everything answered, closed by the server within timeout)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    chunks: list[bytes] = []
-    closed = False
-    try:
-        writer.write(data)
-        await writer.drain()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), left)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            chunks.append(chunk)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return b"".join(chunks), closed
 
 
 def assert_refused(data: bytes, closed: bool, status: int) -> None:
@@ -157,7 +128,7 @@ async def test_probe_is_refused_and_never_forwarded(target, probe):
     up, gw = target
     data, expected = PROBES[probe]
     t0 = time.monotonic()
-    answer, closed = await exchange(gw.port, data)
+    answer, closed = await raw_exchange(gw.port, data)
     assert time.monotonic() - t0 < 2.0, "the proxy sat on a malformed request"
     assert_refused(answer, closed, expected)
     await normal_request(gw)
@@ -170,7 +141,7 @@ async def test_pipelined_request_after_empty_post_is_its_own_request(target):
         head("Host: shop", "Content-Length: 0")
         + b"GET /smuggled HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"
     )
-    answer, closed = await exchange(gw.port, data)
+    answer, closed = await raw_exchange(gw.port, data)
     assert closed
     assert answer.count(b"HTTP/1.1 200 ") == 2, answer
     first, second = answer.split(b"HTTP/1.1 200 ")[1:]
@@ -184,7 +155,7 @@ async def test_body_bytes_are_not_parsed_as_a_request(target):
     up, gw = target
     inner = b"GET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n"
     data = head("Host: shop", f"Content-Length: {len(inner)}", "Connection: close") + inner
-    answer, closed = await exchange(gw.port, data)
+    answer, closed = await raw_exchange(gw.port, data)
     assert closed and answer.count(b"HTTP/1.1 200 ") == 1
     assert b'"len": %d' % len(inner) in answer
     assert [r["path"] for r in up.requests] == ["/"]
@@ -195,7 +166,7 @@ async def test_absolute_form_for_our_own_route_is_served(target):
     up, gw = target
     data = head("Host: 127.0.0.1", "Connection: close", method="GET",
                 target=f"http://127.0.0.1:{gw.port}/mine")  # fmt: skip
-    answer, _ = await exchange(gw.port, data)
+    answer, _ = await raw_exchange(gw.port, data)
     assert status_of(answer) == 200, answer[:300]
     assert [r["path"] for r in up.requests] == ["/mine"]
 
@@ -325,7 +296,7 @@ async def test_garbage_flood_does_not_stop_the_proxy(target):
 
     async def one(i: int) -> bool:
         data, status = GARBAGE[i % len(GARBAGE)]
-        answer, closed = await exchange(gw.port, data, timeout=4.0)
+        answer, closed = await raw_exchange(gw.port, data, timeout=4.0)
         return closed and status_of(answer) == status  # a status line, not a silent close
 
     t0 = time.monotonic()
