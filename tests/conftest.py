@@ -5,7 +5,6 @@ are built from (and whatever a test imports) lives in tests/helpers/."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -110,22 +109,13 @@ async def scripted_upstream() -> AsyncIterator[Callable[[Script], Awaitable[Scri
     started: list[ScriptedUpstream] = []
 
     async def start(script: Script) -> ScriptedUpstream:
-        up = ScriptedUpstream(script)
-        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
-        up.port = up.server.sockets[0].getsockname()[1]
+        up = await ScriptedUpstream(script).start()
         started.append(up)
         return up
 
     yield start
     for up in started:
-        assert up.server is not None
-        up.server.close()
-        for task in list(up.tasks):
-            task.cancel()
-        for task in list(up.tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        await up.server.wait_closed()
+        await up.stop()
 
 
 @pytest.fixture

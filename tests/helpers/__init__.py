@@ -42,6 +42,7 @@ from tests.helpers.upstreams import (
     Upstream,
     read_request,
     serve_app,
+    stop_serving,
     version_app,
 )
 from tests.helpers.waiting import wait_until
@@ -77,6 +78,7 @@ __all__ = [
     "start_gateway",
     "status_of",
     "stop_gateway",
+    "stop_serving",
     "version_app",
     "wait_port",
     "wait_until",

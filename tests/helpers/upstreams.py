@@ -4,6 +4,7 @@ asyncio server that answers scripted bytes (`scripted_upstream` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,19 @@ async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner,
     port = free_port()
     await web.TCPSite(started, "127.0.0.1", port).start()
     return started, port
+
+
+async def stop_serving(server: asyncio.Server | None, tasks: set[asyncio.Task[None]]) -> None:
+    """Close a raw server and end the connection tasks it is still running."""
+    if server is not None:
+        server.close()
+    for task in list(tasks):
+        task.cancel()
+    for task in list(tasks):
+        with contextlib.suppress(BaseException):
+            await task
+    if server is not None:
+        await server.wait_closed()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,6 +119,14 @@ class ScriptedUpstream:
         finally:
             self.tasks.discard(task)
             writer.close()
+
+    async def start(self) -> ScriptedUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        await stop_serving(self.server, self.tasks)
 
     async def wait_closed_by_proxy(self, count: int, within: float = 3.0) -> None:
         deadline = time.monotonic() + within

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.helpers import free_port, metric_sum, route_config, scrape_samples
+from tests.helpers import free_port, metric_sum, route_config, scrape_samples, stop_serving
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 QUICK_OUTLIER = {"consecutive_failures": 3, "base_ejection": "2s", "max_ejection": "10s"}
@@ -83,15 +83,7 @@ class RawUpstream:
         return head
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        if self.server is not None:
-            await self.server.wait_closed()
+        await stop_serving(self.server, self.tasks)
 
 
 @pytest.fixture
