@@ -25,7 +25,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.build import BUILD
-from tests.helpers import ROOT, ConfigFile, Process, free_port, route_config
+from tests.helpers import ROOT, ConfigFile, Process, free_port, route_config, split_head
 
 # conftest's graygate_process leaves its log file handle to the garbage collector.
 MIB = 1024 * 1024
@@ -90,13 +90,9 @@ async def curl(*args: str, timeout: float = 30.0) -> tuple[int, bytes]:
 
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, body
+    line, fields = split_head(head)
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in fields}
+    return int(line.split()[1]), headers, body
 
 
 async def curl_get(url: str, *extra: str) -> tuple[int, dict[str, str], bytes]:

@@ -1,12 +1,12 @@
 """What the tests share as functions and classes (fixtures stay in conftest.py, which
 builds them from these). Import from here: `from tests.helpers import route_config`.
 
-- client: raw_request (send bytes, read until close), raw_exchange (the same, and whether
-  the server closed), read_response / read_framed_body
-  (one response with exact HTTP/1.1 framing), RawClient and Resp (a raw connection), status_of
-- upstreams: Upstream and version_app (real aiohttp upstreams), ScriptedUpstream (a raw
-  loopback server that answers scripted bytes), read_request, serve_app (any aiohttp app on
-  a free port)
+- client: raw_request (send bytes, read until close or timeout), raw_exchange (the same,
+  and whether the server closed), read_response / read_framed_body (one response with exact
+  HTTP/1.1 framing), RawClient and Resp (a raw keep-alive connection), split_head, status_of
+- upstreams: Upstream and version_app (real aiohttp upstreams), serve_app (any aiohttp app
+  on a free port), ScriptedUpstream (a raw loopback server that answers scripted bytes),
+  stop_serving, read_request
 - builders: route_config (the YAML dict of a route), route_model (a RouteConfig),
   ConfigFile (a graygate.yaml on free ports, for the real command)
 - gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
@@ -27,6 +27,7 @@ from tests.helpers.client import (
     raw_request,
     read_framed_body,
     read_response,
+    split_head,
     status_of,
 )
 from tests.helpers.fakes import FakeTransport
@@ -75,6 +76,7 @@ __all__ = [
     "route_model",
     "scrape_samples",
     "serve_app",
+    "split_head",
     "start_gateway",
     "status_of",
     "stop_gateway",

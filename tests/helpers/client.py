@@ -88,22 +88,30 @@ async def read_framed_body(
     return await reader.read()  # delimited by the close
 
 
+def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A head (with or without its final empty line) as its first line and its fields:
+    (lowercase name, value without surrounding SP/HTAB), in order, as received."""
+    lines = head.removesuffix(b"\r\n\r\n").split(b"\r\n")
+    fields = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), value.strip(b" \t")))
+    return lines[0], fields
+
+
 async def read_response(
     reader: asyncio.StreamReader, method: str = "GET"
 ) -> tuple[int, bytes, dict[bytes, bytes], bytes]:
     """One response off a raw connection: (status, status line, headers with lowercase
     names, last value wins, body read with exact framing)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head[:-4].split(b"\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.lower()] = value.strip(b" \t")
-    status = int(lines[0].split(b" ")[1])
+    line, fields = split_head(await reader.readuntil(b"\r\n\r\n"))
+    headers = dict(fields)
+    status = int(line.split(b" ")[1])
     body = await read_framed_body(
         reader, method, status, headers.get(b"transfer-encoding"), headers.get(b"content-length")
     )
-    return status, lines[0], headers, body
+    return status, line, headers, body
 
 
 def status_of(data: bytes) -> int | None:
@@ -160,14 +168,9 @@ class RawClient:
         # loop iteration it arrives in, before a reset right behind it can replace it.
         async with asyncio.timeout(timeout):
             head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head[:-4].split(b"\r\n")
-        version, status, *_ = lines[0].split(b" ", 2)
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append(
-                (name.strip().decode("latin-1").lower(), value.strip().decode("latin-1"))
-            )
+        line, fields = split_head(head)
+        version, status, *_ = line.split(b" ", 2)
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in fields]
         return int(status), version, headers, head
 
     async def response(self, method: str = "GET", timeout: float = 5.0) -> Resp:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers.client import split_head
 from tests.helpers.net import free_port
 
 
@@ -146,13 +147,7 @@ async def read_request(
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    lines = head[:-4].split(b"\r\n")
-    headers = []
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.append((name.strip().lower(), value.strip()))
-        if name.strip().lower() == b"content-length":
-            length = int(value)
+    line, headers = split_head(head)
+    length = int(dict(headers).get(b"content-length", 0))
     body = await reader.readexactly(length) if length else b""
-    return lines[0], headers, body
+    return line, headers, body

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.helpers import raw_exchange, read_framed_body, route_config, status_of
+from tests.helpers import raw_exchange, read_framed_body, route_config, split_head, status_of
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -51,14 +51,8 @@ class Client:
 
     async def response(self, method: str = "GET", timeout: float = 3.0) -> Resp:
         async with asyncio.timeout(timeout):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            lines = head[:-4].split(b"\r\n")
-            parts = lines[0].split(b" ", 2)
-            headers = []
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers.append((name.lower(), value.strip(b" \t")))
-            resp = Resp(int(parts[1]), lines[0], headers, b"")
+            line, headers = split_head(await self.reader.readuntil(b"\r\n\r\n"))
+            resp = Resp(int(line.split(b" ", 2)[1]), line, headers, b"")
             resp.body = await read_framed_body(
                 self.reader,
                 method,
@@ -183,12 +177,8 @@ async def read_one(reader: asyncio.StreamReader, index: int) -> Seen | None:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
         return None
-    lines = head[:-4].split(b"\r\n")
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.append((name.lower(), value.strip(b" \t")))
-    seen = Seen(index, lines[0], headers, b"", [])
+    line, headers = split_head(head)
+    seen = Seen(index, line, headers, b"", [])
     te = [v for n, v in headers if n == b"transfer-encoding"]
     cl = [v for n, v in headers if n == b"content-length"]
     if te:

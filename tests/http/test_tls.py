@@ -25,7 +25,7 @@ from proxy import cli
 from proxy.core.config.load import parse_config
 from proxy.core.config.model import ConfigError, TlsConfig
 from proxy.dataplane.tls import reload_context, server_context
-from tests.helpers import ROOT, free_port, read_framed_body, route_config, wait_port
+from tests.helpers import ROOT, free_port, read_framed_body, route_config, split_head, wait_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -258,13 +258,11 @@ async def tls_get(
     writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    fields = {
-        k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
-    }
+    line, pairs = split_head(head)
+    status = int(line.split()[1])
+    fields = dict(pairs)
     body = await read_framed_body(
-        reader, "GET", status, fields.get("transfer-encoding"), fields.get("content-length")
+        reader, "GET", status, fields.get(b"transfer-encoding"), fields.get(b"content-length")
     )
     return status, body
 

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from tests.helpers import metric_value, read_response, route_config
+from tests.helpers import metric_value, read_response, route_config, split_head
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 SETTINGS = "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"
@@ -52,12 +52,8 @@ def request(target: str, *fields: str, body: bytes = b"") -> bytes:
 
 
 def fields_of(head: bytes) -> list[tuple[bytes, bytes]]:
-    out = []
-    for line in head.split(b"\r\n")[1:]:
-        if line:
-            name, _, value = line.partition(b":")
-            out.append((name.strip().lower(), value.strip().lower()))
-    return out
+    """The head's fields, values lowercased too."""
+    return [(name, value.lower()) for name, value in split_head(head)[1]]
 
 
 async def read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
