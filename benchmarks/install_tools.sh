@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the benchmark harness and the tests run besides Python: nginx (upstreams
 # and the comparison proxy), wrk (load generator), taskset (CPU pinning), redis-server,
-# prometheus and chromium (tests/test_dashboard.py drives it with Playwright). Debian/Ubuntu.
+# prometheus and chromium (tests/control/test_dashboard.py drives it with Playwright). Debian/Ubuntu.
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)

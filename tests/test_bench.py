@@ -44,7 +44,10 @@ def _graygate_works() -> bool:
 
 def test_harness_quick_end_to_end(tmp_path: Path) -> None:
     _tools_or_fail()
-    variants = ["direct", "nginx"] + (["graygate"] if _graygate_works() else [])
+    # The graygate variant is the point of the harness: a broken command fails the test
+    # instead of leaving a run of nginx and direct only.
+    assert _graygate_works(), f"`{graygate_command()} --help` does not run"
+    variants = ["direct", "nginx", "graygate"]
     out = subprocess.run(
         [
             sys.executable,
@@ -78,8 +81,9 @@ def test_harness_quick_end_to_end(tmp_path: Path) -> None:
         assert 0 < d["p50_ms"] <= d["p99_ms"] <= d["p99.9_ms"]
     assert sc["variants"]["nginx"]["cpu_us_per_req"] > 0
     assert sc["variants"]["nginx"]["peak_rss_mib"] > 0
-    if "graygate" in variants:
-        assert sc["ratio_graygate_nginx"]["rps"] > 0
+    assert set(sc["variants"]) >= {"direct", "nginx", "graygate"}, sc["variants"].keys()
+    assert sc["variants"]["graygate"]["rps_median"] > 100
+    assert sc["ratio_graygate_nginx"]["rps"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "## keepalive-5b" in md and "| nginx |" in md and "| direct |" in md
     png = (tmp_path / "results.png").read_bytes()

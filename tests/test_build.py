@@ -19,11 +19,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import ROOT, compiled_sources, module_of
 
 import proxy
 from proxy.build import BUILD, MANIFEST, Build, SourceUnlessVouched, select
 from proxy.cli import main
+from tests.helpers import ROOT, compiled_sources, module_of
 
 EXPECT = os.environ.get("GRAYGATE_EXPECT_COMPILED")
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]

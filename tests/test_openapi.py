@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 from aiohttp.test_utils import TestClient, TestServer
-from openapi_check import DOC
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator
 from test_admin import AUTH, TOKEN, Harness
 
 from proxy import __version__
 from proxy.control.admin import make_admin_app
+from tests.helpers.openapi_check import DOC
 
 METHODS = {"get", "put", "post", "delete", "patch"}
 
