@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from openapi_check import ResponseChecker
 
 from proxy.control import ctl_mirror
 from proxy.control.admin import make_admin_app
@@ -29,6 +28,7 @@ from proxy.core.mirror import Capture, Mirrors, Mismatch, compare
 from proxy.core.rollout import start
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
+from tests.helpers.openapi_check import ResponseChecker
 
 AT = 1_800_000_000.0
 RULES = CompareConfig(headers=("content-type",), body="json", ignore_json_paths=("$.at",))

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-from conftest import free_port, raw_request, route_config
 
 from proxy.core.mirror import MirrorStats
 from proxy.dataplane.mirror import suffixed
+from tests.helpers import free_port, raw_request, route_config
 
 FAST = {"connect": "500ms", "read": "3s", "request": "5s"}
 

@@ -14,8 +14,6 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-
-from tests.conftest import free_port, route_config
 from tests.test_rollout_e2e import (
     TIMEOUTS,
     Traffic,
@@ -26,6 +24,8 @@ from tests.test_rollout_e2e import (
     wait_listening,
     wait_state,
 )
+
+from tests.helpers import free_port, route_config
 
 MIN_SAMPLES = 100
 MIRROR_STEP = {"mirror": "3s", "percent": 100, "max_mismatch_ratio": 0.01, "min_samples": 100}

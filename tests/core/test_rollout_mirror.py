@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,9 @@ from proxy.core.config.model import ConfigError, MirrorStep, PauseStep, WeightSt
 from proxy.core.config.rollout import parse_steps, steps_from_json, steps_to_json
 from proxy.core.rollout import decide, start
 from proxy.core.state import RolloutStatus, RouteState, rollout_from_json, rollout_to_json
+from tests.helpers import ROOT
 
-SCHEMA = Path(__file__).resolve().parent.parent / "proxy" / "core" / "config" / "schema.json"
+SCHEMA = ROOT / "proxy" / "core" / "config" / "schema.json"
 MIRROR = {"mirror": "10m", "percent": 20, "max_mismatch_ratio": 0.01, "min_samples": 200}
 
 

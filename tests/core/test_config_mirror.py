@@ -9,7 +9,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +25,8 @@ from proxy.core.config.model import (
     WeightStep,
 )
 from proxy.core.state import RolloutStatus, compile_route, initial_state
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "proxy" / "core" / "config" / "schema.json"
 EXAMPLE = ROOT / "config" / "graygate.example.yaml"
 
