@@ -13,13 +13,12 @@ from time import perf_counter
 from typing import Protocol
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
-from proxy.core.responses import LocalAnswer, answer_fields, max_forwards, own_response
+from proxy.core.responses import LocalAnswer, max_forwards
 from proxy.core.router import choose, match_route, parse_cookies
 from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
+from proxy.dataplane.feed import ClientSide, RequestFeed
 from proxy.dataplane.gateway import Gateway, RouteRuntime
-from proxy.dataplane.response import LAST_CHUNK
-from proxy.dataplane.sides import PAUSE_BUFFER, Sink, Tap
 from proxy.dataplane.upstream import EndpointPool, UpstreamError, VersionPool
 
 logger = logging.getLogger(__name__)
@@ -27,11 +26,10 @@ access_logger = logging.getLogger("graygate.access")  # per-request lines, off b
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 EMPTY: dict[str, str] = {}
-BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
 MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
 
 
-class Client(Sink, Protocol):
+class Client(ClientSide, Protocol):
     """The client connection as an exchange sees it (downstream.DownstreamProtocol)."""
 
     client_ip: str
@@ -48,41 +46,27 @@ def mint_uid() -> str:
     return secrets.token_hex(16)
 
 
-class Exchange:
+class Exchange(RequestFeed):
     """A request whose head has been parsed; start() answers it exactly once, then end()
     hands the connection back to the client side (Client.finished)."""
 
     __slots__ = (
-        "attempt",
-        "body_done",
-        "body_seen",
-        "chunked",
-        "client",
         "connection",
         "cookie",
         "cookie_extra",
         "deadline",
         "early",
-        "ended",
         "ep",
         "error",
-        "extra",
-        "gw",
         "has_body",
         "head",
         "head_sent",
         "headers",
         "host",
-        "http11",
-        "keep_alive",
-        "method",
         "path",
-        "pending",
-        "pending_bytes",
         "reason",
         "retries",
         "rr",
-        "shadow",
         "started",
         "target",
         "tried",
@@ -91,6 +75,7 @@ class Exchange:
         "vpool",
         "vstats",
     )
+    client: Client
 
     def __init__(
         self,
@@ -125,12 +110,12 @@ class Exchange:
         self.chunked = chunked
         self.upgrade = upgrade
         self.error = error  # answered locally with this
-        self.body_done = not body  # the whole request body has been read
-        self.body_seen = 0  # decoded body bytes of a chunked request, for max_body_bytes
-        self.pending: list[bytes] = []  # request body before the upstream connection exists
+        self.body_done = not body
+        self.body_seen = 0
+        self.pending = []
         self.pending_bytes = 0
         self.early = b""  # bytes after an upgrade request, for the tunnel
-        self.extra: tuple[tuple[bytes, bytes], ...] = ()  # added to the response head
+        self.extra = ()
         self.version = ""
         self.reason = ""
         self.rr: RouteRuntime | None = None
@@ -143,49 +128,10 @@ class Exchange:
         self.ep: EndpointPool | None = None  # counted in ep.outstanding while set
         self.tried: list[EndpointPool] = []
         self.retries = 0
-        self.attempt: Attempt | None = None
+        self.attempt = None
         self.started = 0.0
         self.deadline = 0.0
-        self.shadow: Tap | None = None  # the mirrored copy (dataplane/mirror.py)
-
-    # -- request body, fed by the client side ---------------------------------------------
-    def request_body(self, data: bytes) -> None:
-        if self.shadow is not None:
-            self.shadow.request_body(data)
-        if self.chunked:
-            frame: tuple[bytes, ...] = (b"%x\r\n" % len(data), data, b"\r\n")
-        else:
-            frame = (data,)
-        a = self.attempt
-        if a is not None and a.conn is not None and a.conn.transport is not None:
-            a.progressed = True
-            a.conn.transport.writelines(frame)
-            return
-        if self.ended:
-            return
-        self.pending.extend(frame)
-        self.pending_bytes += len(data)
-        if self.pending_bytes > BODY_BUFFER_LIMIT:
-            self.client.pause_reading(PAUSE_BUFFER)
-
-    def body_resumes(self) -> None:
-        """llhttp ended this request at its head, taking it for an upgrade; it was not
-        one (not allowed), so its body follows after all. Called before it started."""
-        self.body_done = False
-        self.pending = []  # the last chunk request_end added
-        self.pending_bytes = 0
-
-    def request_end(self) -> None:
-        self.body_done = True
-        if self.shadow is not None:
-            self.shadow.request_end()
-        if self.chunked:
-            a = self.attempt
-            conn = a.conn if a is not None else None
-            if conn is not None and conn.transport is not None:
-                conn.transport.write(LAST_CHUNK)
-            elif not self.ended:
-                self.pending.append(LAST_CHUNK)
+        self.shadow = None  # the mirrored copy (dataplane/mirror.py)
 
     # -- choosing ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -384,52 +330,12 @@ class Exchange:
             log_access(self, status)
         self.client.finished(self)
 
-    # -- the client side's requests, forwarded to the attempt ---------------------------------
-    def check(self, now: float) -> None:
-        if self.attempt is not None:
-            self.attempt.check(now)
-
-    def pause_upstream_reading(self) -> None:
-        if self.attempt is not None:
-            self.attempt.pause_upstream_reading()
-
-    def resume_upstream_reading(self) -> None:
-        if self.attempt is not None:
-            self.attempt.resume_upstream_reading()
-
-    def tunnel_send(self, data: bytes) -> None:
-        if self.attempt is not None:
-            self.attempt.tunnel_send(data)
-
+    # -- the tunnel's end, from the client side -----------------------------------------------
     def tunnel_close(self) -> None:
         if self.attempt is not None:
             self.attempt.tunnel_close()
         self.drop_endpoint()
         self.end(101)
-
-    # -- graygate's own answers ------------------------------------------------------------
-    def respond_local(self, answer: LocalAnswer) -> None:
-        """An error graygate makes itself: short text body, X-Graygate-Error says why."""
-        self.respond(answer.status, answer_fields(answer), answer.body())
-
-    def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        """Any response graygate answers itself (errors, Max-Forwards: 0)."""
-        if self.client.closed:
-            return
-        if not self.body_done or self.gw.draining:
-            self.keep_alive = False
-        self.client.send_all(
-            own_response(
-                status,
-                headers,
-                body,
-                self.gw.date,
-                self.extra,
-                self.keep_alive,
-                self.http11,
-                self.method == b"HEAD",
-            )
-        )
 
 
 def log_access(ex: Exchange, status: int) -> None:
