@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-from tests.test_rollout_e2e import (
-    TIMEOUTS,
+
+from tests.helpers import free_port, route_config
+from tests.helpers.rollout import (
     Traffic,
     events,
     run_cli,
@@ -25,9 +26,8 @@ from tests.test_rollout_e2e import (
     wait_state,
 )
 
-from tests.helpers import free_port, route_config
-
 MIN_SAMPLES = 100
+TIMEOUTS = {"connect": "500ms", "read": "2s", "request": "3s"}
 MIRROR_STEP = {"mirror": "3s", "percent": 100, "max_mismatch_ratio": 0.01, "min_samples": 100}
 STEPS = yaml.safe_dump([MIRROR_STEP, 50, 100], default_flow_style=True).strip()
 

@@ -16,6 +16,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - fakes: FakeTransport (a socket-free asyncio transport)
 - net, paths, processes: free_port, wait_port, ROOT, compiled_sources, module_of,
   Process, RedisServer
+- rollout (not re-exported: the end-to-end rollout tests' traffic, admin and process calls)
 - openapi_check (not re-exported: it loads the admin OpenAPI document): ResponseChecker, DOC
 """
 
