@@ -26,9 +26,13 @@ from proxy.core.config.model import (
 )
 from proxy.core.router import (
     BUCKETS,
+    CACHE_ENTRIES,
+    CACHE_KEY_CHARS,
     COHORT_VALUE_RE,
+    BucketCache,
     Choice,
     bucket,
+    bucket_of,
     choose,
     match_route,
     parse_cookies,
@@ -133,6 +137,23 @@ def test_bucket_is_the_same_in_a_fresh_process():
         check=True,
     )
     assert json.loads(out.stdout) == here
+
+
+def test_bucket_cache_is_exact_and_bounded():
+    cache = BucketCache()
+    keys = [f"user-{i}" for i in range(CACHE_ENTRIES + 10)]
+    for salt in (b"a", b"b"):
+        assert [cache.get(salt, k) for k in keys[:50]] == [bucket_of(salt, k) for k in keys[:50]]
+        assert [cache.get(salt, k) for k in keys[:50]] == [bucket_of(salt, k) for k in keys[:50]]
+    assert cache.size == 100
+    for k in keys:  # a client sending ever new keys: the cache is dropped, never grows past
+        assert cache.get(b"a", k) == bucket_of(b"a", k)
+        assert cache.size <= CACHE_ENTRIES
+    long_key = "x" * (CACHE_KEY_CHARS + 1)
+    size = cache.size
+    assert cache.get(b"a", long_key) == bucket_of(b"a", long_key)
+    assert cache.size == size  # not kept
+    assert bucket(b"a", long_key) == bucket_of(b"a", long_key)
 
 
 def test_bucket_depends_on_salt():

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
 from proxy.core.responses import LocalAnswer, answer_fields, max_forwards, own_response
-from proxy.core.router import choose, match_route, parse_cookies
+from proxy.core.router import match, parse_cookies, pick
 from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
 from proxy.dataplane.gateway import Gateway, RouteRuntime
@@ -197,7 +197,7 @@ class Exchange:
         gw = self.gw
         self.started = perf_counter()
         rt = gw.runtime
-        route = match_route(rt.policy, self.host, self.path)
+        route = match(rt.views, self.host, self.path)
         if route is None:
             self.respond_local(LocalAnswer(404, "no_route", "no route matches this request"))
             self.end(404)
@@ -210,7 +210,7 @@ class Exchange:
                 k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k in keys
             }
         cookies = parse_cookies(self.cookie) if route.needs_cookies and self.cookie else EMPTY
-        choice = choose(route, headers_map, cookies, random(), mint_uid)
+        choice = pick(route, headers_map, cookies, random(), mint_uid)
         version = choice.version
         reason: str = choice.reason
         if choice.new_cookie is not None:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from proxy.core.config.model import Config
 from proxy.core.hosts import host_name, matches
+from proxy.core.router import RouteView, views
 from proxy.core.state import PolicyStore, RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats
 from proxy.dataplane.upstream import Upstreams, VersionPool
@@ -41,6 +42,7 @@ class RouteRuntime:
 class Runtime:
     policy: RoutingPolicy
     routes: dict[str, RouteRuntime]
+    views: tuple[RouteView, ...]  # policy.routes as the router's compiled copies
 
 
 def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> Runtime:
@@ -71,7 +73,7 @@ def build_runtime(policy: RoutingPolicy, upstreams: Upstreams, stats: Stats) -> 
             failover=cfg.failover,
             retries=cfg.retries,
         )
-    return Runtime(policy, routes)
+    return Runtime(policy, routes, views(policy))
 
 
 class Connection(Protocol):
