@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 # Fields that describe one connection, never forwarded (RFC 9110 7.6.1, RFC 9112 6.1).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -27,18 +28,18 @@ HOP_BY_HOP = frozenset(
         b"http2-settings",  # RFC 7540 3.2.1: connection-specific, only part of an h2c upgrade
     }
 )
-HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+HOP_BY_HOP_UPGRADE: Final = HOP_BY_HOP - {b"upgrade"}
 # Never removed because Connection names them: dropping framing or Host would let one
 # message run into the next (request smuggling). RFC 9110 7.6.1 forbids such options.
-PROTECTED = frozenset({b"content-length", b"host"})
+PROTECTED: Final = frozenset({b"content-length", b"host"})
 # Written by graygate itself: the incoming X-Forwarded-For chain is extended (from an
 # untrusted peer too, unless `replace`); Proto and Host are kept only from trusted proxies.
-XFF = b"x-forwarded-for"
-XFP = b"x-forwarded-proto"
-XFH = b"x-forwarded-host"
-VIA = b"via"
-HOST = b"host"
-REQUEST_SPECIAL = frozenset({XFF, XFP, XFH, VIA, HOST})
+XFF: Final = b"x-forwarded-for"
+XFP: Final = b"x-forwarded-proto"
+XFH: Final = b"x-forwarded-host"
+VIA: Final = b"via"
+HOST: Final = b"host"
+REQUEST_SPECIAL: Final = frozenset({XFF, XFP, XFH, VIA, HOST})
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -56,7 +57,7 @@ def upgrade_protocols(values: Iterable[bytes]) -> frozenset[bytes]:
     )
 
 
-_DROPPED_CACHE: dict[tuple[bytes, bool], frozenset[bytes]] = {}
+_DROPPED_CACHE: Final[dict[tuple[bytes, bool], frozenset[bytes]]] = {}
 
 
 def _dropped(connection: bytes | None, upgrade: bool) -> frozenset[bytes]:

@@ -7,6 +7,7 @@ chooses versions or endpoints, records no stats, imports neither side.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 import httptools
 
@@ -15,7 +16,7 @@ from proxy.dataplane.response import LAST_CHUNK, BadResponse, ResponseReader
 from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_UPSTREAM, Owner, Sink
 from proxy.dataplane.upstream import EndpointPool, UpstreamConnection, UpstreamError
 
-SPLIT_HEAD_ABOVE = 16384  # reads larger than this get their head parsed apart
+SPLIT_HEAD_ABOVE: Final = 16384  # reads larger than this get their head parsed apart
 
 
 class Attempt(ResponseReader):

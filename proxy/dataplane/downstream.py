@@ -11,7 +11,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Iterable
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -24,10 +24,12 @@ from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPGRADE, P
 
 logger = logging.getLogger(__name__)
 
-MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+MAX_PIPELINE: Final = 16  # parsed requests waiting for their turn before reads pause
 # A well-formed request line whose method llhttp does not know: 501, not 400.
 EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
-NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
+NOTED: Final = frozenset(
+    {b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"}
+)
 
 
 class HeadTooLarge(Exception):
@@ -277,12 +279,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.began = True
         self.head_bytes = 0
         self.head_raw = 0
-        self.arm(self.gw.config.timeouts.client_header)
+        self.arm(self.gw.client_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
-        limit = self.gw.config.limits.max_header_bytes
+        limit = self.max_head
         if self.head_bytes > limit:
             self.limit_error = LocalAnswer(
                 414, "uri_too_long", f"request target exceeds {limit} bytes"
@@ -453,7 +455,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.stopped or self.gw.draining:
             self.close()
             return
-        self.arm(self.gw.config.timeouts.keepalive)
+        self.arm(self.gw.keepalive_timeout)
 
     def reject(self, answer: LocalAnswer) -> None:
         """The stream itself is malformed: answer in order if we can, then close."""

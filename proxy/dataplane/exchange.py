@@ -10,7 +10,7 @@ import logging
 import secrets
 from random import random
 from time import perf_counter
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
 from proxy.core.responses import LocalAnswer, answer_fields, max_forwards, own_response
@@ -25,10 +25,10 @@ from proxy.dataplane.upstream import EndpointPool, UpstreamError, VersionPool
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("graygate.access")  # per-request lines, off by default
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-EMPTY: dict[str, str] = {}
-BODY_BUFFER_LIMIT = 256 * 1024  # request body held while the upstream connection opens
-MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+EMPTY: Final[dict[str, str]] = {}
+BODY_BUFFER_LIMIT: Final = 256 * 1024  # request body held while the upstream connection opens
+MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 
 
 class Client(Sink, Protocol):
@@ -229,7 +229,7 @@ class Exchange:
             self.end(503)
             return
         self.retries = rr.retries
-        self.deadline = now + gw.config.timeouts.request
+        self.deadline = now + gw.request_timeout
         client = self.client
         self.head = request_head(
             self.method,

@@ -116,6 +116,11 @@ class Gateway:
         self.trusted = config.trusted_proxies
         self.replace_for = config.forwarded_for == "replace"
         self.upgrades = frozenset(p.encode() for p in config.upgrades)
+        # Read per request: copies, as config objects are interpreted (~200 instructions a read).
+        self.client_header_timeout = config.timeouts.client_header
+        self.keepalive_timeout = config.timeouts.keepalive
+        self.request_timeout = config.timeouts.request
+        self.max_body_bytes = config.limits.max_body_bytes
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(host_name(config.listen.host))

@@ -6,6 +6,7 @@ bytes to write gathered in `out`. The connection and the endings are attempt.py'
 from __future__ import annotations
 
 import re
+from typing import Final
 
 import httptools
 
@@ -13,12 +14,12 @@ from proxy.core.headers import Headers, response_head, upgrade_protocols
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.sides import Owner, Sink
 
-NO_BODY_STATUS = frozenset({204, 304})
-LAST_CHUNK = b"0\r\n\r\n"
+NO_BODY_STATUS: Final = frozenset({204, 304})
+LAST_CHUNK: Final = b"0\r\n\r\n"
 # RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp checks field names
 # and values itself but lets any byte but CR and LF through in the reason phrase.
-CONTROL_IN_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-RESPONSE_NOTED = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
+CONTROL_IN_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+RESPONSE_NOTED: Final = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 
 
 class BadResponse(Exception):
