@@ -34,6 +34,7 @@ from proxy.core.router import (
     bucket,
     bucket_of,
     choose,
+    cookies_of,
     match_route,
     parse_cookies,
     valid_cohort_value,
@@ -571,3 +572,25 @@ def test_parse_cookies_round_trip(pairs, sep):
 def test_parse_cookies_never_raises(header):
     result = parse_cookies(header)
     assert all(isinstance(k, str) and k for k in result)
+
+
+def test_cookies_of_is_parse_cookies_remembered_and_bounded():
+    from proxy.core import router
+
+    value = "gg_uid=abc; other=1"
+    assert cookies_of(value) == parse_cookies(value)
+    assert cookies_of(value) is cookies_of(value)
+    for i in range(router.COOKIE_CACHE_ENTRIES + 5):
+        assert cookies_of(f"c{i}=v{i}") == {f"c{i}": f"v{i}"}
+        assert len(router._COOKIES) <= router.COOKIE_CACHE_ENTRIES
+    long = "a=" + "x" * router.COOKIE_CACHE_CHARS
+    assert cookies_of(long) == parse_cookies(long) and long not in router._COOKIES
+
+
+def test_valid_cohort_value_verdicts_are_remembered_and_bounded():
+    from proxy.core import router
+
+    for i in range(router.CACHE_ENTRIES + 5):
+        assert valid_cohort_value(f"u{i}") and not valid_cohort_value(f"u {i}")
+        assert len(router._VALID) <= router.CACHE_ENTRIES
+    assert valid_cohort_value("x" * 128) and not valid_cohort_value("x" * 129)

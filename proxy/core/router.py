@@ -49,8 +49,21 @@ def _choice(version: str, reason: Reason) -> Choice:
     return found
 
 
+_VALID: Final[dict[str, bool]] = {}
+
+
 def valid_cohort_value(value: str) -> bool:
-    return COHORT_VALUE_RE.fullmatch(value) is not None
+    """COHORT_VALUE_RE matches all of it; the verdicts are remembered (bounded: at most
+    CACHE_ENTRIES values of at most 128 characters, all dropped when full)."""
+    if len(value) > 128:
+        return False
+    found = _VALID.get(value)
+    if found is None:
+        found = COHORT_VALUE_RE.fullmatch(value) is not None
+        if len(_VALID) >= CACHE_ENTRIES:
+            _VALID.clear()
+        _VALID[value] = found
+    return found
 
 
 def bucket_of(salt: bytes, key: str) -> int:
@@ -270,6 +283,25 @@ def pick(
             return choice
     # Only reachable through float rounding at roll ~ 1.0: the last positive-weight version.
     return weighted[-1][0]
+
+
+_COOKIES: Final[dict[str, dict[str, str]]] = {}
+COOKIE_CACHE_CHARS: Final = 1024
+COOKIE_CACHE_ENTRIES: Final = 1024
+
+
+def cookies_of(header_value: str) -> dict[str, str]:
+    """parse_cookies, remembered per header value (a keep-alive client repeats its Cookie
+    header): the dict returned is shared, read it only. Bounded: values up to
+    COOKIE_CACHE_CHARS, at most COOKIE_CACHE_ENTRIES of them, all dropped when full."""
+    found = _COOKIES.get(header_value)
+    if found is None:
+        found = parse_cookies(header_value)
+        if len(header_value) <= COOKIE_CACHE_CHARS:
+            if len(_COOKIES) >= COOKIE_CACHE_ENTRIES:
+                _COOKIES.clear()
+            _COOKIES[header_value] = found
+    return found
 
 
 def parse_cookies(header_value: str) -> dict[str, str]:

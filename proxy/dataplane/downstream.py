@@ -15,7 +15,14 @@ from typing import Final, cast
 
 import httptools
 
-from proxy.core.headers import Headers, is_trusted, serialize, upgrade_protocols
+from proxy.core.headers import (
+    Headers,
+    is_trusted,
+    keep_alive_means_11,
+    lower_name,
+    serialize,
+    upgrade_protocols,
+)
 from proxy.core.responses import TEXT_PLAIN, LocalAnswer, status_line
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.gateway import Gateway
@@ -299,7 +306,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 431, "header_too_large", f"request head exceeds {limit} bytes"
             )
             raise HeadTooLarge()
-        name = name.lower()
+        name = lower_name(name)
         self.headers.append((name, value))
         if name not in NOTED:
             return
@@ -319,10 +326,15 @@ class DownstreamProtocol(asyncio.Protocol):
         self.in_head = False
         parser = self.parser
         gw = self.gw
-        version = parser.get_http_version()
         method: bytes = parser.get_method()
         upgrade = bool(parser.should_upgrade())
-        keep_alive = bool(parser.should_keep_alive()) and not gw.draining
+        keep_alive = bool(parser.should_keep_alive())
+        # get_http_version() formats a str (2k instructions); see keep_alive_means_11.
+        if keep_alive and self.connection is None and keep_alive_means_11(self.headers):
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+        keep_alive = keep_alive and not gw.draining
         body = self.te or bool(self.content_length)
         target = self.url
         raw_host = self.host

@@ -14,7 +14,7 @@ from typing import Final, Protocol
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
 from proxy.core.responses import LocalAnswer, answer_fields, max_forwards, own_response
-from proxy.core.router import match, parse_cookies, pick
+from proxy.core.router import cookies_of, match, pick
 from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
 from proxy.dataplane.gateway import Gateway, RouteRuntime
@@ -209,7 +209,7 @@ class Exchange:
             headers_map = {
                 k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k in keys
             }
-        cookies = parse_cookies(self.cookie) if route.needs_cookies and self.cookie else EMPTY
+        cookies = cookies_of(self.cookie) if route.needs_cookies and self.cookie else EMPTY
         choice = pick(route, headers_map, cookies, random(), mint_uid)
         version = choice.version
         reason: str = choice.reason
