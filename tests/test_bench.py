@@ -44,7 +44,8 @@ def _graygate_works() -> bool:
 
 def test_harness_quick_end_to_end(tmp_path: Path) -> None:
     _tools_or_fail()
-    variants = ["direct", "nginx"] + (["graygate"] if _graygate_works() else [])
+    # Both graygate variants: the default (compiled) build and the pure one.
+    variants = ["direct", "nginx"] + (["graygate", "graygate-pure"] if _graygate_works() else [])
     out = subprocess.run(
         [
             sys.executable,
@@ -80,8 +81,16 @@ def test_harness_quick_end_to_end(tmp_path: Path) -> None:
     assert sc["variants"]["nginx"]["peak_rss_mib"] > 0
     if "graygate" in variants:
         assert sc["ratio_graygate_nginx"]["rps"] > 0
+        assert sc["ratio_pure_compiled"]["rps"] > 0
+        for v in ("graygate", "graygate-pure"):
+            assert sc["variants"][v]["cpu_us_per_req"] > 0
+        builds = res["graygate_builds"]
+        assert builds["graygate-pure"] == "pure python"
+        assert builds["graygate"] in ("compiled: mypyc", "pure python")
     md = (tmp_path / "results.md").read_text()
     assert "## keepalive-5b" in md and "| nginx |" in md and "| direct |" in md
+    if "graygate" in variants:
+        assert "| graygate-pure |" in md and "graygate builds: " in md
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
