@@ -55,8 +55,7 @@ class Attempt(ResponseReader):
         self.chunked_out = False
         self.until_close = False
         self.complete = False
-        self.upstream_keep_alive = False
-        self.version11 = False
+        self.upstream_keep_alive = self.version11 = False
         self.reads_paused = False  # we hold the upstream back for a slow client
         self.tunnel = False
         self.out = []  # response bytes gathered during one feed
@@ -148,8 +147,7 @@ class Attempt(ResponseReader):
             return
         if self.parser is None or self.ex.ended:
             return
-        if not self.got_bytes:  # the first read of the answer begins at its status line
-            self.version11 = data.startswith(b"HTTP/1.1 ")
+        self.version11 = self.version11 if self.got_bytes else data.startswith(b"HTTP/1.1 ")
         self.got_bytes = True
         self.progressed = True
         if not self.ex.head_sent and len(data) > SPLIT_HEAD_ABOVE:

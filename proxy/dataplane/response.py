@@ -70,7 +70,7 @@ class ResponseReader:
     until_close: bool
     complete: bool
     upstream_keep_alive: bool
-    version11: bool  # the answer's first read began with b"HTTP/1.1 " (attempt.py)
+    version11: bool  # the first read (it begins at the status line) began with b"HTTP/1.1 "
     out: list[bytes]  # response bytes gathered during one feed
     # Callbacks we do not take, present as None: httptools looks each one up per parser,
     # and a missing attribute costs it an AttributeError raised and cleared (2k in all).
