@@ -347,7 +347,12 @@ def graygate_command() -> list[str] | None:
 
 
 def start_graygate(
-    procs: Processes, cmd: list[str], cfg: GraygateConfig, cpu: int | None, name: str = "graygate"
+    procs: Processes,
+    cmd: list[str],
+    cfg: GraygateConfig,
+    cpu: int | None,
+    name: str = "graygate",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     conf_dir = procs.workdir / name
     conf_dir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +360,7 @@ def start_graygate(
     state = conf_dir / "state.json"
     state.unlink(missing_ok=True)
     conf.write_text(graygate_yaml(cfg, state))
-    proc = procs.start([*pin(cpu), *cmd, "serve", "-c", str(conf)], name)
+    proc = procs.start([*pin(cpu), *cmd, "serve", "-c", str(conf)], name, env)
     try:
         wait_port(cfg.port, proc, timeout=15.0)
     except RuntimeError as exc:

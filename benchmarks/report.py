@@ -2,6 +2,8 @@
 
 Per scenario and variant: median req/s (min-max), latency percentiles, errors, CPU us per
 request, peak RSS; graygate/nginx ratios are the median of per-run (pair by pair) ratios.
+"graygate" is the default (compiled) build, "graygate-pure" the pure-Python one; the
+targets are judged on "graygate".
 """
 
 from __future__ import annotations
@@ -139,12 +141,18 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
                     "value": val,
                     "met": None if val is None else (val >= bound if cmp == ">=" else val <= bound),
                 }
+        if "graygate" in runs and "graygate-pure" in runs:
+            entry["ratio_pure_compiled"] = {
+                "rps": pair_ratios(runs["graygate-pure"], runs["graygate"], "rps"),
+                "p99": pair_ratios(runs["graygate-pure"], runs["graygate"], "p99"),
+            }
         entry["runs"] = runs
         scenarios[name] = entry
     return {
         "machine": raw["machine"],
         "settings": raw["settings"],
         "pinning": raw["pinning"],
+        "graygate_builds": raw.get("graygate_builds", {}),
         "scenarios": scenarios,
     }
 
@@ -167,8 +175,11 @@ def markdown(res: dict[str, Any]) -> str:
         f"- runs: {s['runs']} x {s['duration']} s per variant, interleaved; scenarios: "
         + ", ".join(res["scenarios"]),
         f"- pinning: {res['pinning']}",
-        "",
     ]
+    builds = res.get("graygate_builds") or {}
+    if builds:
+        lines.append("- graygate builds: " + ", ".join(f"{v}: {b}" for v, b in builds.items()))
+    lines.append("")
     for name, sc in res["scenarios"].items():
         lines += [f"## {name}", ""]
         if sc.get("description"):
@@ -207,6 +218,12 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"graygate/nginx (median of per-run ratios): req/s {_fmt(ratio['rps'], 3)}, "
                 f"p99 {_fmt(ratio['p99'], 3)}"
+            )
+        pure = sc.get("ratio_pure_compiled")
+        if pure:
+            lines.append(
+                f"graygate-pure/graygate (median of per-run ratios): req/s {_fmt(pure['rps'], 3)}, "
+                f"p99 {_fmt(pure['p99'], 3)}"
             )
         t = sc.get("target")
         if t:
@@ -277,7 +294,7 @@ def chart(res: dict[str, Any], path: Path) -> None:
 
 
 def _variant_order(v: str) -> tuple[int, str]:
-    order = {"direct": 0, "graygate": 1, "nginx": 2}
+    order = {"direct": 0, "graygate": 1, "graygate-pure": 2, "nginx": 3}
     return (order.get(v, 9), v)
 
 

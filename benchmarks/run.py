@@ -1,9 +1,10 @@
 """`python -m benchmarks.run`: graygate against nginx and direct access, side by side.
 
 Starts nginx upstreams (blue, green), then per scenario fresh proxies (nginx with
-split_clients, graygate with its real configuration), and measures the variants
-interleaved (A B C A B C ...). Proxy on CPU 0; wrk, our load generator and upstreams on
-CPU 1. Writes results.json, results.md and results.png (see report.py).
+split_clients, graygate with its real configuration: the compiled build as "graygate",
+the same install with GRAYGATE_NO_EXTENSIONS=1 as "graygate-pure"), and measures the
+variants interleaved (A B C D A B C D ...). Proxy on CPU 0; wrk, our load generator and
+upstreams on CPU 1. Writes results.json, results.md and results.png (see report.py).
 """
 
 from __future__ import annotations
@@ -71,7 +72,14 @@ SCENARIOS = (
     WORKERS_SCENARIO,
     mirror.SCENARIO,
 )
-VARIANTS = ("direct", "graygate", "nginx")
+VARIANTS = ("direct", "graygate", "nginx", "graygate-pure")
+# The graygate variants: the environment each one runs in. "graygate" is whatever the
+# install runs by default (the mypyc-compiled build where a C compiler built it);
+# "graygate-pure" forces the pure-Python modules of the same install (proxy/build.py).
+GRAYGATE_BUILDS: dict[str, dict[str, str]] = {
+    "graygate": {},
+    "graygate-pure": {"GRAYGATE_NO_EXTENSIONS": "1"},
+}
 # A returning user: graygate hashes its cohort cookie, nginx's split_clients reads the same.
 COOKIE = "Cookie: gg_uid=bench-user-0001"
 CONNECTIONS = 64
@@ -121,11 +129,39 @@ class Bench:
             ),
             "scenarios": {},
         }
+        self.raw["graygate_builds"] = self.graygate_builds()
         self.nginx_max: float | None = None
         self.proxies: list[subprocess.Popen[bytes]] = []
         self.workers = 1  # processes per proxy (the workers-2 scenario sets 2)
 
     # --- setup -------------------------------------------------------------------------
+
+    def graygate_env(self, variant: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "GRAYGATE_NO_EXTENSIONS"}
+        return {**env, **GRAYGATE_BUILDS[variant]}
+
+    def graygate_builds(self) -> dict[str, str]:
+        """variant -> the build it runs, as `graygate --version` says (compiled: mypyc, or
+        pure python), for the graygate variants asked for."""
+        builds: dict[str, str] = {}
+        for v in GRAYGATE_BUILDS:
+            if v not in self.args.variants or self.gg_cmd is None:
+                continue
+            try:
+                out = subprocess.run(
+                    [*self.gg_cmd, "--version"],
+                    env=self.graygate_env(v),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                builds[v] = f"unknown ({exc})"
+                continue
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+            builds[v] = line.rsplit("(", 1)[-1].rstrip(")") if "(" in line else "unknown"
+        return builds
 
     def start_upstreams(self) -> None:
         self.blue_port, self.green_port = free_port(), free_port()
@@ -159,7 +195,7 @@ class Bench:
                 )
                 self.proxies.append(proc)
                 out[v] = (f"{scheme}://127.0.0.1:{port}", proc.pid)
-            elif v == "graygate":
+            elif v in GRAYGATE_BUILDS:
                 if self.gg_cmd is None:
                     missing[v] = "no graygate command found"
                     continue
@@ -172,7 +208,9 @@ class Bench:
                     workers=self.workers,
                 )
                 try:
-                    proc = start_graygate(self.procs, self.gg_cmd, cfg, self.proxy_cpu)
+                    proc = start_graygate(
+                        self.procs, self.gg_cmd, cfg, self.proxy_cpu, v, self.graygate_env(v)
+                    )
                 except RuntimeError as exc:
                     missing[v] = str(exc)[:2000]
                     continue
@@ -560,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(SCENARIOS),
         help="comma-separated subset of: " + ", ".join(SCENARIOS),
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help="subset of direct,graygate,nginx")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
     p.add_argument(
         "--graygate-cmd", help="command that runs graygate (default: found automatically)"
     )

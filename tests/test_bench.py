@@ -21,6 +21,7 @@ from benchmarks import load, report  # noqa: E402
 from benchmarks.loadgen import LoadSpec, TargetError, parse_target, run_load  # noqa: E402
 from benchmarks.procs import graygate_command  # noqa: E402
 from benchmarks.upstream_app import make_app  # noqa: E402
+from proxy.build import BUILD  # noqa: E402
 
 
 def _tools_or_fail() -> None:
@@ -47,7 +48,7 @@ def test_harness_quick_end_to_end(tmp_path: Path) -> None:
     # The graygate variant is the point of the harness: a broken command fails the test
     # instead of leaving a run of nginx and direct only.
     assert _graygate_works(), f"`{graygate_command()} --help` does not run"
-    variants = ["direct", "nginx", "graygate"]
+    variants = ["direct", "nginx", "graygate", "graygate-pure"]  # compiled and pure
     out = subprocess.run(
         [
             sys.executable,
@@ -81,11 +82,17 @@ def test_harness_quick_end_to_end(tmp_path: Path) -> None:
         assert 0 < d["p50_ms"] <= d["p99_ms"] <= d["p99.9_ms"]
     assert sc["variants"]["nginx"]["cpu_us_per_req"] > 0
     assert sc["variants"]["nginx"]["peak_rss_mib"] > 0
-    assert set(sc["variants"]) >= {"direct", "nginx", "graygate"}, sc["variants"].keys()
+    assert set(sc["variants"]) >= set(variants), sc["variants"].keys()
     assert sc["variants"]["graygate"]["rps_median"] > 100
     assert sc["ratio_graygate_nginx"]["rps"] > 0
+    assert sc["ratio_pure_compiled"]["rps"] > 0
+    for v in ("graygate", "graygate-pure"):
+        assert sc["variants"][v]["cpu_us_per_req"] > 0
+    # The graygate command is this test's own install: its build is the one imported here.
+    assert res["graygate_builds"] == {"graygate": BUILD.describe(), "graygate-pure": "pure python"}
     md = (tmp_path / "results.md").read_text()
     assert "## keepalive-5b" in md and "| nginx |" in md and "| direct |" in md
+    assert "| graygate-pure |" in md and "graygate builds: " in md
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 # Fields that describe one connection, never forwarded (RFC 9110 7.6.1, RFC 9112 6.1).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -27,18 +28,52 @@ HOP_BY_HOP = frozenset(
         b"http2-settings",  # RFC 7540 3.2.1: connection-specific, only part of an h2c upgrade
     }
 )
-HOP_BY_HOP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+HOP_BY_HOP_UPGRADE: Final = HOP_BY_HOP - {b"upgrade"}
 # Never removed because Connection names them: dropping framing or Host would let one
 # message run into the next (request smuggling). RFC 9110 7.6.1 forbids such options.
-PROTECTED = frozenset({b"content-length", b"host"})
+PROTECTED: Final = frozenset({b"content-length", b"host"})
 # Written by graygate itself: the incoming X-Forwarded-For chain is extended (from an
 # untrusted peer too, unless `replace`); Proto and Host are kept only from trusted proxies.
-XFF = b"x-forwarded-for"
-XFP = b"x-forwarded-proto"
-XFH = b"x-forwarded-host"
-VIA = b"via"
-HOST = b"host"
-REQUEST_SPECIAL = frozenset({XFF, XFP, XFH, VIA, HOST})
+XFF: Final = b"x-forwarded-for"
+XFP: Final = b"x-forwarded-proto"
+XFH: Final = b"x-forwarded-host"
+VIA: Final = b"via"
+HOST: Final = b"host"
+REQUEST_SPECIAL: Final = frozenset({XFF, XFP, XFH, VIA, HOST})
+
+
+# Field names as the parsers report them -> lowercase, one shared object per name: no
+# bytes.lower() call and no new object per field, and the shared object's hash is cached
+# for the set lookups that follow. Names are the peer's choice, so the table is bounded.
+_LOWER: Final[dict[bytes, bytes]] = {}
+LOWER_NAMES: Final = 512
+LOWER_NAME_CHARS: Final = 64
+
+
+def lower_name(name: bytes) -> bytes:
+    """name.lower(), from a bounded table of the names seen so far."""
+    found = _LOWER.get(name)
+    if found is not None:
+        return found
+    lowered = name.lower()
+    if len(_LOWER) < LOWER_NAMES and len(name) <= LOWER_NAME_CHARS:
+        found = _LOWER.get(lowered)
+        if found is None:
+            found = _LOWER[lowered] = lowered
+        _LOWER[name] = found
+        return found
+    return lowered
+
+
+def keep_alive_means_11(headers: Headers) -> bool:
+    """llhttp keeps a request's connection alive by default only for HTTP/1.1 (of the
+    versions it accepts: 0.9, 1.0, 1.1, 2.0), and otherwise only for a Connection or
+    Proxy-Connection field (it reads both as Connection). So a kept-alive request with
+    neither field is HTTP/1.1; the caller checks Connection, this the other one."""
+    for name, _ in headers:  # noqa: SIM110 - a loop compiles natively, all() makes a generator
+        if name == b"proxy-connection":
+            return False
+    return True
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -56,7 +91,7 @@ def upgrade_protocols(values: Iterable[bytes]) -> frozenset[bytes]:
     )
 
 
-_DROPPED_CACHE: dict[tuple[bytes, bool], frozenset[bytes]] = {}
+_DROPPED_CACHE: Final[dict[tuple[bytes, bool], frozenset[bytes]]] = {}
 
 
 def _dropped(connection: bytes | None, upgrade: bool) -> frozenset[bytes]:
@@ -143,10 +178,12 @@ def request_head(
     """
     keep_chain = trusted or not replace_for
     drop = _dropped(connection, upgrade)
+    # One append per piece, no tuple per field, and the lists of X-Forwarded-For and Via
+    # lines joined as they come (most requests have neither): the head is the one object.
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = None
-    chain: list[bytes] = []
-    vias: list[bytes] = []
+    chain: bytes | None = None
+    vias: bytes | None = None
     proto: bytes | None = None
     fhost: bytes | None = None
     for name, value in headers:
@@ -156,41 +193,62 @@ def request_head(
             if name == HOST:
                 if host is None:
                     host = value
-                    parts += (name, b": ", value, b"\r\n")
+                    parts.append(b"host: ")
+                    parts.append(value)
+                    parts.append(b"\r\n")
             elif name == VIA:
-                vias.append(value)
+                vias = value if vias is None else vias + b", " + value
             elif name == XFF:
                 if keep_chain and value.strip():  # an empty line adds no ", " entry
-                    chain.append(value)
+                    chain = value if chain is None else chain + b", " + value
             elif trusted:
                 if name == XFP:
                     proto = proto or value
                 elif fhost is None:
                     fhost = value
             continue
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if host is None:
         host = default_host
-        parts += (b"host: ", host, b"\r\n")
-    chain.append(client_ip)
-    vias.append(via)
-    parts += (
-        b"x-forwarded-for: ",
-        b", ".join(chain),
-        b"\r\nx-forwarded-proto: ",
-        proto or scheme,
-        b"\r\nx-forwarded-host: ",
-        fhost if fhost is not None else host,
-        b"\r\nvia: ",
-        b", ".join(vias),
-        b"\r\n",
-    )
+        parts.append(b"host: ")
+        parts.append(host)
+        parts.append(b"\r\n")
+    parts.append(b"x-forwarded-for: ")
+    if chain is not None:
+        parts.append(chain)
+        parts.append(b", ")
+    parts.append(client_ip)
+    parts.append(b"\r\nx-forwarded-proto: ")
+    parts.append(proto or scheme)
+    parts.append(b"\r\nx-forwarded-host: ")
+    parts.append(fhost if fhost is not None else host)
+    parts.append(b"\r\nvia: ")
+    if vias is not None:
+        parts.append(vias)
+        parts.append(b", ")
+    parts.append(via)
     if upgrade:
-        parts.append(b"connection: upgrade\r\n")
+        parts.append(b"\r\nconnection: upgrade")
     if chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    parts.append(b"\r\n")
+        parts.append(b"\r\ntransfer-encoding: chunked")
+    parts.append(b"\r\n\r\n")
     return b"".join(parts)
+
+
+_STATUS_LINES: Final[dict[int, bytes]] = {}
+
+
+def status_prefix(status: int) -> bytes:
+    """b"HTTP/1.1 200 ", made once per status code (100..599 reach here)."""
+    found = _STATUS_LINES.get(status)
+    if found is None:
+        found = b"HTTP/1.1 %d " % status
+        if len(_STATUS_LINES) < 1000:
+            _STATUS_LINES[status] = found
+    return found
 
 
 def response_head(
@@ -212,19 +270,29 @@ def response_head(
     `Connection: close`; `keep_alive_10` adds `Connection: keep-alive` for HTTP/1.0 clients.
     """
     drop = _dropped(connection, upgrade)
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    vias: list[bytes] = []
+    parts = [status_prefix(status), reason, b"\r\n"]  # see request_head: one append a piece
+    vias: bytes | None = None
     for name, value in headers:
         if name in drop:
             continue
         if name == VIA:
-            vias.append(value)
+            vias = value if vias is None else vias + b", " + value
             continue
-        parts += (name, b": ", value, b"\r\n")
-    vias.append(via)
-    parts += (b"via: ", b", ".join(vias), b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    parts.append(b"via: ")
+    if vias is not None:
+        parts.append(vias)
+        parts.append(b", ")
+    parts.append(via)
+    parts.append(b"\r\n")
     for name, value in extra:
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if upgrade:
         parts.append(b"connection: upgrade\r\n")
     elif close:

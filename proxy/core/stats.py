@@ -10,11 +10,12 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Final
 
 from proxy.core.config.model import Config, RouteConfig
 
 # Upper bounds (seconds, inclusive, Prometheus `le`); bucket_counts has one more slot for +Inf.
-BUCKETS: tuple[float, ...] = (
+BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
     0.0025,
@@ -30,9 +31,9 @@ BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
-UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "protocol")
-VERDICTS: tuple[str, ...] = ("pass", "fail", "need_more_samples")
-RESERVOIR_SIZE = 5000
+UPSTREAM_ERROR_KINDS: Final[tuple[str, ...]] = ("connect", "timeout", "reset", "protocol")
+VERDICTS: Final[tuple[str, ...]] = ("pass", "fail", "need_more_samples")
+RESERVOIR_SIZE: Final = 5000
 
 # (requests, errors, latency samples in seconds) of one window, in the field order of
 # analysis.Sample: `Sample(*stats.take_window(route, version))`.

@@ -7,6 +7,7 @@ chooses versions or endpoints, records no stats, imports neither side.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 import httptools
 
@@ -15,7 +16,7 @@ from proxy.dataplane.response import LAST_CHUNK, BadResponse, ResponseReader
 from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_UPSTREAM, Owner, Sink
 from proxy.dataplane.upstream import EndpointPool, UpstreamConnection, UpstreamError
 
-SPLIT_HEAD_ABOVE = 16384  # reads larger than this get their head parsed apart
+SPLIT_HEAD_ABOVE: Final = 16384  # reads larger than this get their head parsed apart
 
 
 class Attempt(ResponseReader):
@@ -54,7 +55,7 @@ class Attempt(ResponseReader):
         self.chunked_out = False
         self.until_close = False
         self.complete = False
-        self.upstream_keep_alive = False
+        self.upstream_keep_alive = self.version11 = False
         self.reads_paused = False  # we hold the upstream back for a slow client
         self.tunnel = False
         self.out = []  # response bytes gathered during one feed
@@ -146,6 +147,7 @@ class Attempt(ResponseReader):
             return
         if self.parser is None or self.ex.ended:
             return
+        self.version11 = self.version11 if self.got_bytes else data.startswith(b"HTTP/1.1 ")
         self.got_bytes = True
         self.progressed = True
         if not self.ex.head_sent and len(data) > SPLIT_HEAD_ABOVE:

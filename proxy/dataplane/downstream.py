@@ -153,7 +153,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.reader.stopped or self.gw.draining:
             self.close()
             return
-        self.arm(self.gw.config.timeouts.keepalive)
+        self.arm(self.gw.keepalive_timeout)
 
     def reject(self, answer: LocalAnswer) -> None:
         """The stream itself is malformed: answer in order if we can, then close."""

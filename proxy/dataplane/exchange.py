@@ -10,11 +10,11 @@ import logging
 import secrets
 from random import random
 from time import perf_counter
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
 from proxy.core.responses import LocalAnswer, max_forwards
-from proxy.core.router import choose, match_route, parse_cookies
+from proxy.core.router import cookies_of, match, pick
 from proxy.core.stats import VersionStats
 from proxy.dataplane.attempt import Attempt
 from proxy.dataplane.feed import ClientSide, RequestFeed
@@ -24,9 +24,9 @@ from proxy.dataplane.upstream import EndpointPool, UpstreamError, VersionPool
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("graygate.access")  # per-request lines, off by default
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-EMPTY: dict[str, str] = {}
-MAX_FORWARDS_METHODS = frozenset({b"OPTIONS", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+EMPTY: Final[dict[str, str]] = {}
+MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 
 
 class Client(ClientSide, Protocol):
@@ -149,7 +149,7 @@ class Exchange(RequestFeed):
         gw = self.gw
         self.started = perf_counter()
         rt = gw.runtime
-        route = match_route(rt.policy, self.host, self.path)
+        route = match(rt.views, self.host, self.path)
         if route is None:
             self.respond_local(LocalAnswer(404, "no_route", "no route matches this request"))
             self.end(404)
@@ -161,8 +161,8 @@ class Exchange(RequestFeed):
             headers_map = {
                 k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k in keys
             }
-        cookies = parse_cookies(self.cookie) if route.needs_cookies and self.cookie else EMPTY
-        choice = choose(route, headers_map, cookies, random(), mint_uid)
+        cookies = cookies_of(self.cookie) if route.needs_cookies and self.cookie else EMPTY
+        choice = pick(route, headers_map, cookies, random(), mint_uid)
         version = choice.version
         reason: str = choice.reason
         if choice.new_cookie is not None:
@@ -181,7 +181,7 @@ class Exchange(RequestFeed):
             self.end(503)
             return
         self.retries = rr.retries
-        self.deadline = now + gw.config.timeouts.request
+        self.deadline = now + gw.request_timeout
         client = self.client
         self.head = request_head(
             self.method,

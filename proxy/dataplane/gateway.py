@@ -15,6 +15,7 @@ from typing import Protocol
 from proxy.core.config.model import Config
 from proxy.core.hosts import host_name, matches
 from proxy.core.mirror import Mirrors
+from proxy.core.router import RouteView, views
 from proxy.core.state import PolicyStore, RoutePolicy, RoutingPolicy
 from proxy.core.stats import Stats, VersionStats
 from proxy.dataplane.mirror import RouteMirror, Shadows
@@ -44,6 +45,7 @@ class RouteRuntime:
 class Runtime:
     policy: RoutingPolicy
     routes: dict[str, RouteRuntime]
+    views: tuple[RouteView, ...]  # policy.routes as the router's compiled copies
 
 
 def build_runtime(
@@ -77,7 +79,7 @@ def build_runtime(
             retries=cfg.retries,
             mirror=shadows.route(rp) if shadows is not None else None,
         )
-    return Runtime(policy, routes)
+    return Runtime(policy, routes, views(policy))
 
 
 class Connection(Protocol):
@@ -123,6 +125,11 @@ class Gateway:
         self.trusted = config.trusted_proxies
         self.replace_for = config.forwarded_for == "replace"
         self.upgrades = frozenset(p.encode() for p in config.upgrades)
+        # Read per request: copies, as config objects are interpreted (~200 instructions a read).
+        self.client_header_timeout = config.timeouts.client_header
+        self.keepalive_timeout = config.timeouts.keepalive
+        self.request_timeout = config.timeouts.request
+        self.max_body_bytes = config.limits.max_body_bytes
         hosts = set(LOCAL_HOSTS)
         if config.listen.host not in ("0.0.0.0", "::", ""):
             hosts.add(host_name(config.listen.host))

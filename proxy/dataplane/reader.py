@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
-from proxy.core.headers import Headers, upgrade_protocols
+from proxy.core.headers import Headers, keep_alive_means_11, lower_name, upgrade_protocols
 from proxy.core.responses import LocalAnswer
 from proxy.dataplane.exchange import Client, Exchange
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.request import HOST_RE, judge
 from proxy.dataplane.sides import PAUSE_PIPELINE, PAUSE_UPGRADE
 
-MAX_PIPELINE = 16  # parsed requests waiting for their turn before reads pause
+MAX_PIPELINE: Final = 16  # parsed requests waiting for their turn before reads pause
 # A well-formed request line whose method llhttp does not know: 501, not 400.
 EXTENSION_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
-NOTED = frozenset({b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"})
+NOTED: Final = frozenset(
+    {b"host", b"cookie", b"content-length", b"transfer-encoding", b"connection"}
+)
 
 
 class HeadTooLarge(Exception):
@@ -233,12 +235,12 @@ class RequestReader:
         self.began = True
         self.head_bytes = 0
         self.head_raw = 0
-        self.arm(self.gw.config.timeouts.client_header)
+        self.arm(self.gw.client_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
-        limit = self.gw.config.limits.max_header_bytes
+        limit = self.max_head
         if self.head_bytes > limit:
             self.limit_error = LocalAnswer(
                 414, "uri_too_long", f"request target exceeds {limit} bytes"
@@ -253,7 +255,7 @@ class RequestReader:
                 431, "header_too_large", f"request head exceeds {limit} bytes"
             )
             raise HeadTooLarge()
-        name = name.lower()
+        name = lower_name(name)
         self.headers.append((name, value))
         if name not in NOTED:
             return
@@ -273,10 +275,15 @@ class RequestReader:
         self.in_head = False
         parser = self.parser
         gw = self.gw
-        version = parser.get_http_version()
         method: bytes = parser.get_method()
         upgrade = bool(parser.should_upgrade())
-        keep_alive = bool(parser.should_keep_alive()) and not gw.draining
+        keep_alive = bool(parser.should_keep_alive())
+        # get_http_version() formats a str (2k instructions); see keep_alive_means_11.
+        if keep_alive and self.connection is None and keep_alive_means_11(self.headers):
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+        keep_alive = keep_alive and not gw.draining
         body = self.te or bool(self.content_length)
         target = self.url
         raw_host = self.host

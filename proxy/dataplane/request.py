@@ -6,7 +6,7 @@ path, target and Host to forward; the client side calls it once per request.
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -15,7 +15,7 @@ from proxy.core.responses import LocalAnswer
 from proxy.dataplane.gateway import Gateway
 
 # uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
-HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+HOST_RE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 class ParsedURL(Protocol):
@@ -72,7 +72,7 @@ def judge(
         error = LocalAnswer(400, "bad_request", "invalid Host header")  # RFC 9112 3.2
     elif method == b"CONNECT":
         error = LocalAnswer(405, "method_not_allowed", "graygate is not a forward proxy")
-    elif b"#" in target:
+    elif target.find(b"#") >= 0:  # not `in`: on 3.11 it raises and clears a TypeError first
         error = LocalAnswer(400, "bad_request", "a fragment is not part of a request target")
     elif target[:1] == b"/":
         q = target.find(b"?")
@@ -93,7 +93,7 @@ def judge(
                 host = authority if u.port is None else f"{authority}:{u.port}"
                 headers = [(n, v) for n, v in headers if n != b"host"]
                 headers.append((b"host", host.encode("latin-1")))
-    limit = gw.config.limits.max_body_bytes
+    limit = gw.max_body_bytes
     if error is None and limit is not None and (content_length or 0) > limit:
         error = LocalAnswer(413, "body_too_large", f"request body exceeds {limit} bytes")
     return error, path, target, host, headers

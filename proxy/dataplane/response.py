@@ -6,19 +6,20 @@ bytes to write gathered in `out`. The connection and the endings are attempt.py'
 from __future__ import annotations
 
 import re
+from typing import ClassVar, Final
 
 import httptools
 
-from proxy.core.headers import Headers, response_head, upgrade_protocols
+from proxy.core.headers import Headers, lower_name, response_head, upgrade_protocols
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.sides import Owner, Sink
 
-NO_BODY_STATUS = frozenset({204, 304})
-LAST_CHUNK = b"0\r\n\r\n"
+NO_BODY_STATUS: Final = frozenset({204, 304})
+LAST_CHUNK: Final = b"0\r\n\r\n"
 # RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp checks field names
 # and values itself but lets any byte but CR and LF through in the reason phrase.
-CONTROL_IN_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-RESPONSE_NOTED = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
+CONTROL_IN_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+RESPONSE_NOTED: Final = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 
 
 class BadResponse(Exception):
@@ -51,6 +52,7 @@ class ResponseReader:
         "status",
         "until_close",
         "upstream_keep_alive",
+        "version11",
     )
     ex: Owner
     client: Sink
@@ -68,7 +70,13 @@ class ResponseReader:
     until_close: bool
     complete: bool
     upstream_keep_alive: bool
+    version11: bool  # the first read (it begins at the status line) began with b"HTTP/1.1 "
     out: list[bytes]  # response bytes gathered during one feed
+    # Callbacks we do not take, present as None: httptools looks each one up per parser,
+    # and a missing attribute costs it an AttributeError raised and cleared (2k in all).
+    on_message_begin: ClassVar[None] = None
+    on_chunk_header: ClassVar[None] = None
+    on_chunk_complete: ClassVar[None] = None
 
     def overrun(self) -> None:
         """The upstream sent more than its framing allows (RFC 9112 6.3). The extra bytes
@@ -89,7 +97,7 @@ class ResponseReader:
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
+        name = lower_name(name)
         self.resp_headers.append((name, value))
         if name not in RESPONSE_NOTED:
             return
@@ -117,7 +125,8 @@ class ResponseReader:
             self.check_switch()
         ex = self.ex
         gw = self.gw
-        via = gw.via if parser.get_http_version() == "1.1" else gw.via10
+        # get_http_version() formats a str (2k instructions): asked only when needed.
+        via = gw.via if self.version11 or parser.get_http_version() == "1.1" else gw.via10
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients.
             if ex.http11:
@@ -133,6 +142,7 @@ class ResponseReader:
                     )
                 )
             self.resp_headers = []
+            self.version11 = False  # the final answer's version is llhttp's to say
             self.resp_reason = b""  # a final status line may have none
             self.resp_connection = None
             self.resp_length = -1

@@ -6,16 +6,16 @@ module: what an upstream attempt sees of the client connection (`Sink`; the exch
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.core.headers import Headers
 from proxy.dataplane.upstream import EndpointPool, UpstreamError
 
 # Reasons reading from the client is paused; reads resume once none is left.
-PAUSE_PIPELINE = 1  # MAX_PIPELINE requests wait for their turn
-PAUSE_BUFFER = 2  # a request body waits for the upstream connection to open
-PAUSE_UPSTREAM = 4  # the upstream's write buffer is full
-PAUSE_UPGRADE = 8  # bytes after an upgrade request wait for the upstream's 101
+PAUSE_PIPELINE: Final = 1  # MAX_PIPELINE requests wait for their turn
+PAUSE_BUFFER: Final = 2  # a request body waits for the upstream connection to open
+PAUSE_UPSTREAM: Final = 4  # the upstream's write buffer is full
+PAUSE_UPGRADE: Final = 8  # bytes after an upgrade request wait for the upstream's 101
 
 
 class Sink(Protocol):

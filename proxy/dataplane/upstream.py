@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Literal, Protocol, cast
+from typing import Final, Literal, Protocol, cast
 
 from proxy.core.config.model import Config, Endpoint, HealthCheckConfig, Limits, OutlierConfig
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 ErrorKind = Literal["connect", "timeout", "reset", "protocol", "unavailable"]
 # The one place a failure kind becomes the status of graygate's answer.
-STATUS: dict[ErrorKind, int] = {
+STATUS: Final[dict[ErrorKind, int]] = {
     "connect": 502,  # refused, unreachable
     "reset": 502,  # closed before or during the response
     "protocol": 502,  # a response that must not be relayed
@@ -116,6 +116,7 @@ class EndpointPool:
         self.route = route
         self.version = version
         self.limits = limits
+        self.max_idle = limits.max_idle_per_endpoint  # read per request: a compiled copy
         self.outlier = outlier
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
@@ -185,12 +186,7 @@ class EndpointPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.user = None
-        if (
-            reusable
-            and not self.retired
-            and not conn.closed
-            and len(self.idle) < self.limits.max_idle_per_endpoint
-        ):
+        if reusable and not self.retired and not conn.closed and len(self.idle) < self.max_idle:
             conn.idle_since = time.monotonic()
             if self.waiters:
                 self.idle.append(conn)
@@ -328,6 +324,7 @@ class Upstreams:
                         )
                     else:
                         pool.limits = config.limits
+                        pool.max_idle = config.limits.max_idle_per_endpoint
                         pool.outlier = route.outlier
                         pool.idle_timeout = config.timeouts.upstream_idle
                     pools[key] = pool

@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from proxy.core.headers import (
     HOP_BY_HOP,
+    LOWER_NAME_CHARS,
+    LOWER_NAMES,
     is_trusted,
+    lower_name,
     request_head,
     response_head,
     upgrade_protocols,
@@ -586,3 +589,22 @@ def test_property_response_no_hop_by_hop_leaks_others_unchanged(
     assert not dropped & {n for n, _ in upstream_part}
     expected = [(n, v) for n, v in headers if n not in dropped and n != b"via"]
     assert upstream_part == expected
+
+
+def test_lower_name_is_lower_and_bounded():
+    assert lower_name(b"Content-Length") == b"content-length"
+    assert lower_name(b"CONTENT-length") is lower_name(b"content-length")  # one shared object
+    long = b"X-" + b"A" * LOWER_NAME_CHARS
+    assert lower_name(long) == long.lower()
+    for i in range(LOWER_NAMES * 2):  # a peer inventing names: the table stops growing
+        assert lower_name(b"X-Junk-%d" % i) == b"x-junk-%d" % i
+    from proxy.core import headers
+
+    assert len(headers._LOWER) <= LOWER_NAMES + 1
+
+
+def test_keep_alive_means_11_unless_proxy_connection():
+    from proxy.core.headers import keep_alive_means_11
+
+    assert keep_alive_means_11([(b"host", b"a")])
+    assert not keep_alive_means_11([(b"host", b"a"), (b"proxy-connection", b"keep-alive")])

@@ -23,10 +23,15 @@ from proxy.core.config.model import (
 )
 from proxy.core.router import (
     BUCKETS,
+    CACHE_ENTRIES,
+    CACHE_KEY_CHARS,
     COHORT_VALUE_RE,
+    BucketCache,
     Choice,
     bucket,
+    bucket_of,
     choose,
+    cookies_of,
     match_route,
     parse_cookies,
     valid_cohort_value,
@@ -106,6 +111,23 @@ def test_bucket_is_the_same_in_a_fresh_process():
         check=True,
     )
     assert json.loads(out.stdout) == here
+
+
+def test_bucket_cache_is_exact_and_bounded():
+    cache = BucketCache()
+    keys = [f"user-{i}" for i in range(CACHE_ENTRIES + 10)]
+    for salt in (b"a", b"b"):
+        assert [cache.get(salt, k) for k in keys[:50]] == [bucket_of(salt, k) for k in keys[:50]]
+        assert [cache.get(salt, k) for k in keys[:50]] == [bucket_of(salt, k) for k in keys[:50]]
+    assert cache.size == 100
+    for k in keys:  # a client sending ever new keys: the cache is dropped, never grows past
+        assert cache.get(b"a", k) == bucket_of(b"a", k)
+        assert cache.size <= CACHE_ENTRIES
+    long_key = "x" * (CACHE_KEY_CHARS + 1)
+    size = cache.size
+    assert cache.get(b"a", long_key) == bucket_of(b"a", long_key)
+    assert cache.size == size  # not kept
+    assert bucket(b"a", long_key) == bucket_of(b"a", long_key)
 
 
 def test_bucket_depends_on_salt():
@@ -523,3 +545,25 @@ def test_parse_cookies_round_trip(pairs, sep):
 def test_parse_cookies_never_raises(header):
     result = parse_cookies(header)
     assert all(isinstance(k, str) and k for k in result)
+
+
+def test_cookies_of_is_parse_cookies_remembered_and_bounded():
+    from proxy.core import router
+
+    value = "gg_uid=abc; other=1"
+    assert cookies_of(value) == parse_cookies(value)
+    assert cookies_of(value) is cookies_of(value)
+    for i in range(router.COOKIE_CACHE_ENTRIES + 5):
+        assert cookies_of(f"c{i}=v{i}") == {f"c{i}": f"v{i}"}
+        assert len(router._COOKIES) <= router.COOKIE_CACHE_ENTRIES
+    long = "a=" + "x" * router.COOKIE_CACHE_CHARS
+    assert cookies_of(long) == parse_cookies(long) and long not in router._COOKIES
+
+
+def test_valid_cohort_value_verdicts_are_remembered_and_bounded():
+    from proxy.core import router
+
+    for i in range(router.CACHE_ENTRIES + 5):
+        assert valid_cohort_value(f"u{i}") and not valid_cohort_value(f"u {i}")
+        assert len(router._VALID) <= router.CACHE_ENTRIES
+    assert valid_cohort_value("x" * 128) and not valid_cohort_value("x" * 129)

@@ -524,6 +524,7 @@ async def test_reconfigure_keeps_unchanged_pools_and_closes_removed(hold_server)
         assert blue2.endpoints[0] is pa and green2.endpoints[0] is pc
         assert pa.outstanding == 3 and pa.ejections == 2
         assert pa.limits.max_idle_per_endpoint == 7  # new limits apply to kept pools
+        assert pa.max_idle == 7  # and its compiled copy
         assert [p.url for p in green2.endpoints] == [c, d]
         assert green2.endpoints[1] is not pc
         assert pb.retired and conn_b.closed

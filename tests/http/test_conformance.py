@@ -269,6 +269,18 @@ async def test_via_on_request_names_the_client_protocol_version(proxied, client)
     assert up.seen[0].all("via") == [b"1.0 graygate"]
 
 
+async def test_via_names_http_10_kept_alive_by_proxy_connection(proxied, client):
+    # llhttp reads Proxy-Connection as Connection: this 1.0 request is kept alive without a
+    # Connection field, and is still HTTP/1.0 (downstream infers 1.1 only without either).
+    up, gw = await proxied()
+    c = await client(gw.port)
+    resp = await c.request(
+        req("GET", "/v", "Host: t", "Proxy-Connection: keep-alive", version="HTTP/1.0")
+    )
+    assert resp.status == 200
+    assert up.seen[0].all("via") == [b"1.0 graygate"]
+
+
 async def test_via_on_response_names_the_upstream_protocol_version(proxied, client):
     _up, gw = await proxied(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", close_after=True)
     c = await client(gw.port)
