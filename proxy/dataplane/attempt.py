@@ -310,9 +310,8 @@ class Attempt(ResponseReader):
             self.client.send(rest)
 
     def tunnel_send(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.write(data)
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.write(data)
 
     def tunnel_close(self) -> None:
         conn = self.conn
