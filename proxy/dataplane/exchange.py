@@ -46,7 +46,7 @@ def mint_uid() -> str:
     return secrets.token_hex(16)
 
 
-class Exchange(RequestFeed):
+class Exchange(RequestFeed[Client]):
     """A request whose head has been parsed; start() answers it exactly once, then end()
     hands the connection back to the client side (Client.finished)."""
 
@@ -75,7 +75,6 @@ class Exchange(RequestFeed):
         "vpool",
         "vstats",
     )
-    client: Client
 
     def __init__(
         self,

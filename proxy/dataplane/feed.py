@@ -6,7 +6,7 @@ builds on it; choosing, retrying and recording are exchange.py's.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Final, Generic, Protocol, TypeVar
 
 from proxy.core.headers import Headers
 from proxy.core.responses import LocalAnswer, answer_fields, own_response
@@ -24,9 +24,12 @@ class ClientSide(Sink, Protocol):
     closed: bool
 
 
-class RequestFeed:
+C = TypeVar("C", bound=ClientSide)
+
+
+class RequestFeed(Generic[C]):
     """The base of Exchange (no object more per request); Exchange.__init__ sets every
-    field, these included."""
+    field, these included. Generic in the client: Exchange's is the whole exchange.Client."""
 
     __slots__ = (
         "attempt",
@@ -48,7 +51,7 @@ class RequestFeed:
     body_done: bool  # the whole request body has been read
     body_seen: int  # decoded body bytes of a chunked request, for max_body_bytes
     chunked: bool
-    client: ClientSide
+    client: C
     ended: bool
     extra: tuple[tuple[bytes, bytes], ...]  # added to the response head
     gw: Gateway
