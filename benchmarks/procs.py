@@ -383,16 +383,18 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process and its descendants (taskset execs, so pid is the proxy)."""
-    total = 0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) in seconds of the process and its descendants (taskset execs, so pid
+    is the proxy): user time is the proxy's own code, system time the kernel's share."""
+    user = system = 0
     for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
-    return total / CLK_TCK
+        user += int(fields[11])  # field 14 of stat(5)
+        system += int(fields[12])  # field 15
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_by_process_kib(pid: int) -> dict[int, int]:

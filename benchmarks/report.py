@@ -83,9 +83,8 @@ def summarize_variant(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
     out["errors"] = sum(int(r.get("errors_total", 0)) for r in ok)
     out["non2xx"] = sum(int(r.get("non2xx", 0)) for r in ok)
-    out["cpu_us_per_req"] = _median(
-        [float(r["cpu_us_per_req"]) for r in ok if r.get("cpu_us_per_req")]
-    )
+    for key in ("cpu_us_per_req", "user_us_per_req"):  # user: the proxy's own code
+        out[key] = _median([float(r[key]) for r in ok if r.get(key)])
     rss = [int(r["peak_rss_kib"]) for r in ok if r.get("peak_rss_kib")]
     out["peak_rss_mib"] = round(max(rss) / 1024, 1) if rss else None
     per_process = [r["rss_kib_by_process"] for r in ok if r.get("rss_kib_by_process")]
@@ -209,6 +208,12 @@ def markdown(res: dict[str, Any]) -> str:
                         f"|  | failed runs: {d['failed_runs']}: "
                         f"{d['run_errors'][0][:120]!r} |||||||"
                     )
+            users = {v: d.get("user_us_per_req") for v, d in sc["variants"].items()}
+            users = {v: u for v, u in users.items() if u is not None}
+            if users:  # user time is the proxy's own code; the kernel's share is alike
+                lines.append(
+                    "- user CPU us/req: " + ", ".join(f"{v} {_fmt(u, 1)}" for v, u in users.items())
+                )
             for v, d in sc["variants"].items():
                 if d.get("rss_mib_by_process"):
                     lines.append(f"- {v}: peak RSS per process MiB {d['rss_mib_by_process']}")

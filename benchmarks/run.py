@@ -29,7 +29,7 @@ from benchmarks.procs import (
     GraygateConfig,
     Processes,
     ToolMissing,
-    cpu_seconds,
+    cpu_times,
     free_port,
     graygate_command,
     make_certificate,
@@ -226,7 +226,7 @@ class Bench:
     # --- one measurement ---------------------------------------------------------------
 
     def measure(self, scenario: str, url: str, pid: int | None) -> dict[str, Any]:
-        cpu0 = cpu_seconds(pid) if pid else 0.0
+        cpu0 = cpu_times(pid) if pid else (0.0, 0.0)
         if scenario in WRK_SCENARIOS or scenario == WORKERS_SCENARIO:
             path, headers, _ = WRK_SCENARIOS.get(scenario, WRK_SCENARIOS["keepalive-5b"])
             w = run_wrk(
@@ -252,9 +252,12 @@ class Bench:
         else:
             run = self.load(url + "/5b", self.args.duration, rate=self.fixed_rate)
         if pid:
-            cpu1 = cpu_seconds(pid)
+            cpu1 = cpu_times(pid)
             if run["requests"]:
-                run["cpu_us_per_req"] = round((cpu1 - cpu0) * 1e6 / int(run["requests"]), 2)
+                per = 1e6 / int(run["requests"])
+                user, system = (cpu1[0] - cpu0[0]) * per, (cpu1[1] - cpu0[1]) * per
+                run["cpu_us_per_req"] = round(user + system, 2)
+                run["user_us_per_req"] = round(user, 2)
             run["peak_rss_kib"] = peak_rss_kib(pid)
             run["rss_kib_by_process"] = rss_by_process_kib(pid)
         return run
