@@ -12,8 +12,10 @@ command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
+# The TLS tests make their certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then
-    echo "tools present: nginx, wrk, taskset, redis-server, prometheus, chromium"
+    echo "tools present: nginx, wrk, taskset, redis-server, prometheus, chromium, openssl"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

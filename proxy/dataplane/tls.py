@@ -43,8 +43,7 @@ def reload_context(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
 def _configure(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     for key, path in (("cert", tls.cert), ("key", tls.key)):
         try:
-            with open(path, "rb"):
-                pass
+            open(path, "rb").close()  # readable: else a clear error, not ssl's
         except OSError as exc:
             raise ConfigError(f"{PATH}.{key}", f"cannot read {path}: {exc.strerror}") from exc
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -53,7 +53,7 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[by
                     chunks.append(chunk)
             closed = True
         except TimeoutError:
-            pass
+            closed = False  # the server kept the connection open past `timeout`
         except ConnectionResetError:
             closed = True
     finally:

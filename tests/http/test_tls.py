@@ -27,8 +27,6 @@ from proxy.core.config.model import ConfigError, TlsConfig
 from proxy.dataplane.tls import reload_context, server_context
 from tests.helpers import ROOT, free_port, read_framed_body, route_config, split_head, wait_port
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
 
 @dataclass
 class Leaf:
