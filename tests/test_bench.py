@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -22,56 +20,16 @@ from benchmarks.loadgen import LoadSpec, TargetError, parse_target, run_load  # 
 from benchmarks.procs import graygate_command  # noqa: E402
 from benchmarks.upstream_app import make_app  # noqa: E402
 from proxy.build import BUILD  # noqa: E402
-
-
-def _tools_or_fail() -> None:
-    missing = [
-        t for t in ("nginx", "wrk") if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())
-    ]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: run `sudo bash benchmarks/install_tools.sh`")
-
-
-def _graygate_works() -> bool:
-    cmd = graygate_command()
-    if cmd is None:
-        return False
-    try:
-        out = subprocess.run([*cmd, "--help"], capture_output=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
+from tests.helpers.bench import graygate_works, quick_run, tools_or_fail  # noqa: E402
 
 
 def test_harness_quick_end_to_end(tmp_path: Path) -> None:
-    _tools_or_fail()
+    tools_or_fail()
     # The graygate variant is the point of the harness: a broken command fails the test
     # instead of leaving a run of nginx and direct only.
-    assert _graygate_works(), f"`{graygate_command()} --help` does not run"
+    assert graygate_works(), f"`{graygate_command()} --help` does not run"
     variants = ["direct", "nginx", "graygate", "graygate-pure"]  # compiled and pure
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--duration",
-            "1",
-            "--scenarios",
-            "keepalive-5b",
-            "--variants",
-            ",".join(variants),
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=ROOT,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = quick_run(tmp_path, "keepalive-5b", variants)
     assert res["machine"]["cores"] >= 1 and res["machine"]["nginx"]
     sc = res["scenarios"]["keepalive-5b"]
     for v in variants:

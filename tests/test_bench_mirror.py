@@ -3,8 +3,6 @@ measured in one run, the mirrored one really shadowing about 10 % of the request
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,9 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from test_bench import _graygate_works, _tools_or_fail  # noqa: E402
 
 from benchmarks import mirror  # noqa: E402
+from tests.helpers.bench import graygate_works, quick_run, tools_or_fail  # noqa: E402
 
 
 def test_cost_pairs_runs_and_takes_medians() -> None:
@@ -33,29 +31,9 @@ def test_cost_pairs_runs_and_takes_medians() -> None:
 
 
 def test_mirror_scenario_quick(tmp_path: Path) -> None:
-    _tools_or_fail()
-    assert _graygate_works(), "the graygate command does not start"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--duration",
-            "1",
-            "--scenarios",
-            mirror.SCENARIO,
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=ROOT,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    sc = json.loads((tmp_path / "results.json").read_text())["scenarios"][mirror.SCENARIO]
+    tools_or_fail()
+    assert graygate_works(), "the graygate command does not start"
+    sc = quick_run(tmp_path, mirror.SCENARIO)["scenarios"][mirror.SCENARIO]
     for v in (mirror.PLAIN, mirror.MIRRORED):
         d = sc["variants"][v]
         assert d["failed_runs"] == 0 and d["errors"] == 0 and d["non2xx"] == 0, d

@@ -3,44 +3,18 @@ can rot: both proxies run 2 processes, the report has each process's RSS."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+from tests.helpers.bench import quick_run, tools_or_fail
 
 
 def test_workers_2_scenario_runs_both_proxies_with_two_workers(tmp_path: Path) -> None:
-    for tool in ("nginx", "wrk"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            pytest.fail(f"{tool} missing: run `sudo bash benchmarks/install_tools.sh`")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--duration",
-            "1",
-            "--scenarios",
-            "workers-2",
-            "--variants",
-            "graygate,nginx",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    sc = json.loads((tmp_path / "results.json").read_text())["scenarios"]["workers-2"]
+    tools_or_fail()
+    res = quick_run(tmp_path, "workers-2", ["graygate", "nginx"], timeout=120)
+    sc = res["scenarios"]["workers-2"]
     assert "unpinned" in sc["description"]
     for variant, processes in (("graygate", 3), ("nginx", 3)):
         d = sc["variants"][variant]
