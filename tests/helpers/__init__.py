@@ -16,7 +16,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - fakes: FakeTransport (a socket-free asyncio transport)
 - net, paths, processes: free_port, wait_port, ROOT, compiled_sources, module_of,
   Process, RedisServer
-- bench (not re-exported: the harness's short runs for the bench tests): tools_or_fail, graygate_works, quick_run
+- bench (not re-exported: short harness runs): tools_or_fail, graygate_works, quick_run
 - rollout (not re-exported: the end-to-end rollout tests' traffic, admin and process calls)
 - openapi_check (not re-exported: it loads the admin OpenAPI document): ResponseChecker, DOC
 """
