@@ -30,7 +30,7 @@ from benchmarks.procs import (
 
 BUILDS = {"compiled": {}, "pure": {"GRAYGATE_NO_EXTENSIONS": "1"}}
 # The request of the benchmarks: a returning user (cohort cookie), a 5 B answer.
-REQUEST = "GET /5b HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: gg_uid=bench-user-0001\r\n\r\n"
+REQUEST = "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: gg_uid=bench-user-0001\r\n\r\n"
 LENGTH_RE = re.compile(rb"(?im)^content-length: *(\d+)")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,9 +74,9 @@ def micro(build: str, n: int, workdir: Path) -> float:
     return (counts[n] - counts[1]) / (2 * (n - 1))
 
 
-def send(port: int, n: int) -> None:
+def send(port: int, n: int, path: str) -> None:
     """n requests one after the other on one keep-alive connection; each answer read whole."""
-    request = REQUEST.format(port=port).encode()
+    request = REQUEST.format(path=path, port=port).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         buf = b""
         for _ in range(n):
@@ -99,7 +99,9 @@ def recv(sock: socket.socket) -> bytes:
     return data
 
 
-def server(build: str, n: int, workdir: Path, procs: Processes, blue: int, green: int) -> float:
+def server(
+    build: str, n: int, path: str, workdir: Path, procs: Processes, blue: int, green: int
+) -> float:
     cmd = [sys.executable, "-m", "proxy"]  # the interpreter itself runs under valgrind
     counts = {}
     for requests in (n, 1):
@@ -111,7 +113,7 @@ def server(build: str, n: int, workdir: Path, procs: Processes, blue: int, green
         out = workdir / f"{name}.out"
         proc = procs.start([*callgrind(out), *cmd, "serve", "-c", str(conf)], name, environ(build))
         wait_port(cfg.port, proc, timeout=300.0)
-        send(cfg.port, requests)
+        send(cfg.port, requests, path)
         procs.stop(proc, grace=120.0)  # SIGTERM: graygate drains and exits, callgrind writes
         if proc.returncode != 0:
             raise RuntimeError(f"{name} exited {proc.returncode}:\n{procs.log_tail(name)}")
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", type=int, default=2000, help="N of the micro benchmark")
     parser.add_argument("--requests", type=int, default=2000, help="N of the server run")
     parser.add_argument("--builds", nargs="+", choices=BUILDS, default=list(BUILDS))
+    parser.add_argument("--path", default="/5b", choices=("/5b", "/64k"),
+                        help="the answer the server run asks for: 5 B or 64 KiB")  # fmt: skip
     parser.add_argument("--skip-server", action="store_true")
     args = parser.parse_args(argv)
     if args.micro < 2 or args.requests < 2:
@@ -146,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             rows[build] = {f"micro_proxy, N={args.micro}": micro(build, args.micro, workdir)}
             if not args.skip_server:
-                figure = server(build, args.requests, workdir, procs, blue, green)
-                rows[build][f"graygate serve, {args.requests} requests"] = figure
+                figure = server(build, args.requests, args.path, workdir, procs, blue, green)
+                rows[build][f"graygate serve, {args.requests} x {args.path}"] = figure
             print(
                 f"  {build} ({running}) measured in {time.monotonic() - t0:.0f} s", file=sys.stderr
             )

@@ -65,6 +65,55 @@ def lower_name(name: bytes) -> bytes:
     return lowered
 
 
+# What a response field is to the client side, decided once per name (see ResponseField).
+FORWARD: Final = 0  # relayed as it came
+HOP: Final = 1  # hop-by-hop: never relayed
+LENGTH: Final = 2  # Content-Length: relayed, and it frames the body
+DATE: Final = 3  # relayed; graygate adds one when absent
+CHUNKED: Final = 4  # Transfer-Encoding: hop-by-hop, and it frames the body
+CONNECTION: Final = 5  # hop-by-hop, and it may name more fields to drop
+MERGED_VIA: Final = 6  # merged into graygate's own Via
+
+
+class ResponseField:
+    """A response field name as the client side needs it: lowercase, its kind, and its
+    line prefix (b"\\r\\nname: "), so relaying a field is two list appends."""
+
+    __slots__ = ("kind", "name", "wire")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.wire = b"\r\n" + name + b": "
+        if name == b"content-length":
+            self.kind = LENGTH
+        elif name == b"date":
+            self.kind = DATE
+        elif name == b"transfer-encoding":
+            self.kind = CHUNKED
+        elif name == b"connection":
+            self.kind = CONNECTION
+        elif name == VIA:
+            self.kind = MERGED_VIA
+        elif name in HOP_BY_HOP:
+            self.kind = HOP
+        else:
+            self.kind = FORWARD
+
+
+_RESPONSE_FIELDS: Final[dict[bytes, ResponseField]] = {}
+
+
+def response_field(name: bytes) -> ResponseField:
+    """The ResponseField of a name as the parser reports it, from a bounded table."""
+    found = _RESPONSE_FIELDS.get(name)
+    if found is not None:
+        return found
+    found = ResponseField(lower_name(name))
+    if len(_RESPONSE_FIELDS) < LOWER_NAMES and len(name) <= LOWER_NAME_CHARS:
+        _RESPONSE_FIELDS[name] = found
+    return found
+
+
 def keep_alive_means_11(headers: Headers) -> bool:
     """llhttp keeps a request's connection alive by default only for HTTP/1.1 (of the
     versions it accepts: 0.9, 1.0, 1.1, 2.0), and otherwise only for a Connection or
@@ -108,6 +157,23 @@ def _dropped(connection: bytes | None, upgrade: bool) -> frozenset[bytes]:
         if len(_DROPPED_CACHE) < 64:  # the common values ("keep-alive", "close") stay
             _DROPPED_CACHE[key] = drop
     return drop
+
+
+_NAMES_FIELDS: Final[dict[bytes, bool]] = {}
+
+
+def names_fields(connection: bytes | None) -> bool:
+    """Whether a response's Connection value names a field that would otherwise be
+    relayed (any token but a hop-by-hop name; "close" too, as response_head reads it):
+    then response_head filters the fields again. Bounded cache: common values repeat."""
+    if not connection:
+        return False
+    found = _NAMES_FIELDS.get(connection)
+    if found is None:
+        found = bool(connection_tokens(connection) - HOP_BY_HOP - PROTECTED)
+        if len(_NAMES_FIELDS) < 64:
+            _NAMES_FIELDS[connection] = found
+    return found
 
 
 def is_trusted(addr: str, trusted: Networks) -> bool:
@@ -270,7 +336,7 @@ def response_head(
     `Connection: close`; `keep_alive_10` adds `Connection: keep-alive` for HTTP/1.0 clients.
     """
     drop = _dropped(connection, upgrade)
-    parts = [status_prefix(status), reason, b"\r\n"]  # see request_head: one append a piece
+    fields: list[bytes] = []
     vias: bytes | None = None
     for name, value in headers:
         if name in drop:
@@ -278,30 +344,50 @@ def response_head(
         if name == VIA:
             vias = value if vias is None else vias + b", " + value
             continue
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
-    parts.append(b"via: ")
+        fields.append(response_field(name).wire)
+        fields.append(value)
+    return response_wire(
+        status, reason, fields, vias, via, extra, close, keep_alive_10, chunked, upgrade
+    )
+
+
+def response_wire(
+    status: int,
+    reason: bytes,
+    fields: list[bytes],
+    vias: bytes | None,
+    via: bytes,
+    extra: tuple[tuple[bytes, bytes], ...],
+    close: bool,
+    keep_alive_10: bool = False,
+    chunked: bool = False,
+    upgrade: bool = False,
+) -> bytes:
+    """The head from fields already sorted: `fields` holds the relayed ones as
+    (ResponseField.wire, value) pieces, `vias` the upstream's Via values. The data plane
+    sorts them as they arrive and calls this directly when the Connection value names no
+    relayed field (names_fields); response_head sorts a list, then calls it."""
+    parts = [status_prefix(status), reason]
+    parts += fields
+    parts.append(b"\r\nvia: ")
     if vias is not None:
         parts.append(vias)
         parts.append(b", ")
     parts.append(via)
-    parts.append(b"\r\n")
     for name, value in extra:
+        parts.append(b"\r\n")
         parts.append(name)
         parts.append(b": ")
         parts.append(value)
-        parts.append(b"\r\n")
     if upgrade:
-        parts.append(b"connection: upgrade\r\n")
+        parts.append(b"\r\nconnection: upgrade")
     elif close:
-        parts.append(b"connection: close\r\n")
+        parts.append(b"\r\nconnection: close")
     elif keep_alive_10:
-        parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\nconnection: keep-alive")
     if chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    parts.append(b"\r\n")
+        parts.append(b"\r\ntransfer-encoding: chunked")
+    parts.append(b"\r\n\r\n")
     return b"".join(parts)
 
 

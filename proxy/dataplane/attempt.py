@@ -7,16 +7,13 @@ chooses versions or endpoints, records no stats, imports neither side.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
 import httptools
 
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.response import LAST_CHUNK, BadResponse, ResponseReader
 from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_UPSTREAM, Owner, Sink
-from proxy.dataplane.upstream import EndpointPool, UpstreamConnection, UpstreamError
-
-SPLIT_HEAD_ABOVE: Final = 16384  # reads larger than this get their head parsed apart
+from proxy.dataplane.upstream import EndpointPool, ReadBuffer, UpstreamConnection, UpstreamError
 
 
 class Attempt(ResponseReader):
@@ -27,8 +24,6 @@ class Attempt(ResponseReader):
         "connecting",
         "got_bytes",
         "last_io",
-        "passthrough",
-        "progressed",
         "reads_paused",
         "reused",
         "tunnel",
@@ -41,21 +36,17 @@ class Attempt(ResponseReader):
         self.conn: UpstreamConnection | None = None
         self.reused = False
         self.connecting: asyncio.Task[None] | None = None
-        self.parser = None
+        self.parser = self.relay = None
+        self.parsed = False
         self.got_bytes = False
         self.status = 0
-        self.resp_reason = b""
-        self.resp_headers = []
-        self.resp_connection = None
-        self.resp_length = -1  # Content-Length of the response; -1: none
-        self.resp_date = False  # the upstream sent a Date (else graygate adds one)
+        self.begin_response()
         self.body_left = 0  # Content-Length bytes still to relay
         self.passthrough = False  # body bytes now go to the client without the parser
-        self.resp_te = False
         self.chunked_out = False
         self.until_close = False
         self.complete = False
-        self.upstream_keep_alive = self.version11 = False
+        self.upstream_keep_alive = False
         self.reads_paused = False  # we hold the upstream back for a slow client
         self.tunnel = False
         self.out = []  # response bytes gathered during one feed
@@ -92,8 +83,7 @@ class Attempt(ResponseReader):
         self.conn = conn
         self.reused = reused
         conn.user = self
-        self.parser = parser = httptools.HttpResponseParser(self)
-        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self.take_parser(conn, reused)
         transport = conn.transport
         assert transport is not None
         self.progressed = True
@@ -114,9 +104,9 @@ class Attempt(ResponseReader):
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-        self.parser = None  # the parser holds our bound callbacks: break the cycle now
         conn = self.conn
         self.conn = None
+        self.let_go(conn, False)
         if conn is not None:
             conn.user = None
             conn.endpoint.release(conn, False)
@@ -150,19 +140,32 @@ class Attempt(ResponseReader):
         self.version11 = self.version11 if self.got_bytes else data.startswith(b"HTTP/1.1 ")
         self.got_bytes = True
         self.progressed = True
-        if not self.ex.head_sent and len(data) > SPLIT_HEAD_ABOVE:
-            # A head and a large body in one read: parse only the head, then relay the
-            # body as a zero-copy view (one writev with the head) instead of a parser copy.
-            end = data.find(b"\r\n\r\n", 0, 65536)
-            if end > 0:
-                end += 4
-                if not self.feed(data[:end], end < len(data)):
-                    return
-                if self.passthrough:
-                    self.relay_body(memoryview(data)[end:])
-                    return
-                data = data[end:]
         if self.feed(data):
+            self.flush()
+
+    def upstream_view(self, read: ReadBuffer, n: int) -> None:
+        """A large read, in the shared buffer: a body is relayed as a view of it (one
+        writev with the head when the head came in the same read), never copied."""
+        view = read.view[:n]
+        if self.passthrough:
+            self.relay_body(view, read)
+            return
+        if self.tunnel or self.parser is None or self.ex.ended or self.ex.head_sent:
+            self.upstream_data(bytes(view))
+            return
+        end = read.buf.find(b"\r\n\r\n", 0, min(n, 65536))
+        if end < 0:
+            self.upstream_data(bytes(view))
+            return
+        end += 4  # the head is parsed apart, a body after it relayed unparsed
+        self.version11 = self.version11 if self.got_bytes else read.buf.startswith(b"HTTP/1.1 ")
+        self.got_bytes = True
+        self.progressed = True
+        if not self.feed(bytes(view[:end]), end < n):
+            return
+        if self.passthrough:
+            self.relay_body(view[end:], read)
+        elif self.feed(bytes(view[end:])):
             self.flush()
 
     def upstream_lost(self, exc: Exception | None) -> None:
@@ -230,35 +233,14 @@ class Attempt(ResponseReader):
             self.passthrough = True
         return True
 
-    def relay_body(self, data: bytes | memoryview) -> None:
-        """A Content-Length body after its head: bytes go out as they come, unparsed, in
-        one write with whatever head is still waiting in `out`."""
-        self.progressed = True
-        left = self.body_left - len(data)
-        done = left <= 0
-        if left < 0:
-            data = data[: self.body_left]
-            self.overrun()
-        self.body_left = max(left, 0)
-        if self.ex.shadow is not None:
-            self.ex.shadow.primary_body(data)
-        if self.out:
-            self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
-            self.flush()
-        else:
-            self.client.send(data)
-        if done:
-            self.passthrough = False
-            self.complete = True
-            self.succeed()
-
     # -- endings -----------------------------------------------------------------------------
     def succeed(self) -> None:
         """The response went to the client whole."""
         conn = self.conn
         self.conn = None
-        self.parser = None
-        if conn is not None:
+        if conn is None:
+            self.let_go(None, False)
+        else:
             if self.reads_paused and conn.transport is not None:
                 conn.transport.resume_reading()
                 self.reads_paused = False
@@ -269,6 +251,7 @@ class Attempt(ResponseReader):
                 and not self.until_close
                 and ex.method != b"HEAD"  # a HEAD answer's framing is unknown to the parser
             )
+            self.let_go(conn, reusable)
             conn.endpoint.release(conn, reusable)
         self.ex.attempt_done(self.status)
 
@@ -278,7 +261,7 @@ class Attempt(ResponseReader):
             return
         conn = self.conn
         self.conn = None
-        self.parser = None
+        self.let_go(conn, False)
         if conn is not None:
             conn.user = None
             conn.endpoint.release(conn, False)

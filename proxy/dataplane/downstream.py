@@ -193,6 +193,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.writelines(parts)
 
+    def queued(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
     # -- flow control, timers, closing -----------------------------------------------------
     def pause_reading(self, reason: int) -> None:
         if not self.paused and self.transport is not None and not self.closed:

@@ -15,6 +15,7 @@ from proxy.core.responses import LocalAnswer
 from proxy.dataplane.gateway import Gateway
 
 # uri-host [":" port] (RFC 3986 3.2.2): an IP literal, or reg-name characters.
+FRAGMENT: Final = LocalAnswer(400, "bad_request", "a fragment is not part of a request target")
 HOST_RE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
@@ -72,11 +73,17 @@ def judge(
         error = LocalAnswer(400, "bad_request", "invalid Host header")  # RFC 9112 3.2
     elif method == b"CONNECT":
         error = LocalAnswer(405, "method_not_allowed", "graygate is not a forward proxy")
-    elif target.find(b"#") >= 0:  # not `in`: on 3.11 it raises and clears a TypeError first
-        error = LocalAnswer(400, "bad_request", "a fragment is not part of a request target")
     elif target[:1] == b"/":
-        q = target.find(b"?")
-        path = (target if q < 0 else target[:q]).decode("latin-1")
+        # As str (latin-1 maps byte for byte): compiled, `in` and find on str are native
+        # code; on bytes they are method calls (and `in` raises and clears a TypeError).
+        text = target.decode("latin-1")
+        if "#" in text:
+            error = FRAGMENT
+        else:
+            q = text.find("?")
+            path = text if q < 0 else text[:q]
+    elif target.find(b"#") >= 0:
+        error = FRAGMENT
     elif target == b"*" and method == b"OPTIONS":
         path = "/"
     else:

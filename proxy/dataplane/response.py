@@ -10,16 +10,29 @@ from typing import ClassVar, Final
 
 import httptools
 
-from proxy.core.headers import Headers, lower_name, response_head, upgrade_protocols
+from proxy.core.headers import (
+    CHUNKED,
+    CONNECTION,
+    DATE,
+    FORWARD,
+    LENGTH,
+    MERGED_VIA,
+    Headers,
+    names_fields,
+    response_field,
+    response_head,
+    response_wire,
+    upgrade_protocols,
+)
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.sides import Owner, Sink
+from proxy.dataplane.upstream import ReadBuffer, UpstreamConnection
 
 NO_BODY_STATUS: Final = frozenset({204, 304})
 LAST_CHUNK: Final = b"0\r\n\r\n"
 # RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp checks field names
 # and values itself but lets any byte but CR and LF through in the reason phrase.
 CONTROL_IN_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-RESPONSE_NOTED: Final = frozenset({b"content-length", b"date", b"transfer-encoding", b"connection"})
 
 
 class BadResponse(Exception):
@@ -30,9 +43,47 @@ class Overrun(Exception):
     """The upstream sent bytes after its response was complete (raised inside the parser)."""
 
 
+class Relay:
+    """The response parser of one upstream connection, and the reader its callbacks go to
+    now. llhttp's parser is made once per connection (2.6k instructions); after an answer
+    it parsed whole it is at the start of the next, which the next attempt reads with it."""
+
+    __slots__ = ("parser", "to")
+    # Callbacks we do not take, present as None: httptools looks each one up per parser,
+    # and a missing attribute costs it an AttributeError raised and cleared (2k in all).
+    on_message_begin: ClassVar[None] = None
+    on_chunk_header: ClassVar[None] = None
+    on_chunk_complete: ClassVar[None] = None
+
+    def __init__(self, to: ResponseReader) -> None:
+        self.to: ResponseReader | None = to
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+
+    def reader(self) -> ResponseReader:
+        to = self.to
+        assert to is not None, "a parser fed while no attempt holds it"
+        return to
+
+    def on_status(self, reason: bytes) -> None:
+        self.reader().on_status(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.reader().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.reader().on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        self.reader().on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.reader().on_message_complete()
+
+
 class ResponseReader:
-    """The parser callbacks of an Attempt (its base: no object more per request). The
-    Attempt's __init__ sets every field, these included."""
+    """What the parser reports of an Attempt's response (its base: no object more per
+    request). The Attempt's __init__ sets every field, these included."""
 
     __slots__ = (
         "body_left",
@@ -42,13 +93,19 @@ class ResponseReader:
         "ex",
         "gw",
         "out",
+        "parsed",
         "parser",
+        "passthrough",
+        "progressed",
+        "relay",
         "resp_connection",
         "resp_date",
         "resp_headers",
         "resp_length",
         "resp_reason",
         "resp_te",
+        "resp_via",
+        "resp_wire",
         "status",
         "until_close",
         "upstream_keep_alive",
@@ -57,7 +114,9 @@ class ResponseReader:
     ex: Owner
     client: Sink
     gw: Gateway
-    parser: httptools.HttpResponseParser | None
+    relay: Relay | None  # the connection's parser and the link from its callbacks to us
+    parser: httptools.HttpResponseParser | None  # the relay's
+    parsed: bool  # the parser saw the final answer end (a relayed body it does not see)
     status: int
     resp_reason: bytes
     resp_headers: Headers
@@ -65,6 +124,8 @@ class ResponseReader:
     resp_length: int  # Content-Length of the response; -1: none
     resp_date: bool  # the upstream sent a Date (else graygate adds one)
     resp_te: bool
+    resp_via: bytes | None  # the upstream's Via values, joined
+    resp_wire: list[bytes]  # the relayed fields as they came: ResponseField.wire, value, ...
     body_left: int  # Content-Length bytes still to relay
     chunked_out: bool
     until_close: bool
@@ -72,11 +133,43 @@ class ResponseReader:
     upstream_keep_alive: bool
     version11: bool  # the first read (it begins at the status line) began with b"HTTP/1.1 "
     out: list[bytes]  # response bytes gathered during one feed
-    # Callbacks we do not take, present as None: httptools looks each one up per parser,
-    # and a missing attribute costs it an AttributeError raised and cleared (2k in all).
-    on_message_begin: ClassVar[None] = None
-    on_chunk_header: ClassVar[None] = None
-    on_chunk_complete: ClassVar[None] = None
+    passthrough: bool  # body bytes now go to the client without the parser
+    progressed: bool  # bytes moved since the attempt's last timeout tick
+
+    def take_parser(self, conn: UpstreamConnection, reused: bool) -> None:
+        """The parser the connection's last attempt left, else a new one."""
+        relay = conn.reader
+        if reused and isinstance(relay, Relay):
+            relay.to = self
+        else:
+            relay = Relay(self)
+        self.relay = relay
+        self.parser = relay.parser
+
+    def let_go(self, conn: UpstreamConnection | None, keep: bool) -> None:
+        """Done with the parser: its callbacks reach us no more. `keep`: the connection
+        goes back to the pool and the parser saw the answer end, so it is left for the
+        next attempt on the connection."""
+        relay = self.relay
+        self.relay = None
+        self.parser = None
+        if relay is not None:
+            relay.to = None
+        if conn is not None:
+            conn.reader = relay if keep and self.parsed else None
+
+    def begin_response(self) -> None:
+        """The fields of one response head, empty: before the first, and after an interim
+        response (its fields are not the final answer's)."""
+        self.resp_reason = b""  # a status line may have none
+        self.resp_headers = []
+        self.resp_wire = []
+        self.resp_via = None
+        self.resp_connection = None
+        self.resp_length = -1
+        self.resp_date = False
+        self.resp_te = False
+        self.version11 = False  # after an interim answer, the final one's is llhttp's to say
 
     def overrun(self) -> None:
         """The upstream sent more than its framing allows (RFC 9112 6.3). The extra bytes
@@ -97,20 +190,27 @@ class ResponseReader:
         self.resp_reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = lower_name(name)
-        self.resp_headers.append((name, value))
-        if name not in RESPONSE_NOTED:
-            return
-        if name == b"content-length":
+        field = response_field(name)
+        self.resp_headers.append((field.name, value))
+        kind = field.kind
+        if kind == FORWARD:
+            wire = self.resp_wire
+            wire.append(field.wire)
+            wire.append(value)
+        elif kind == LENGTH:
             self.resp_length = int(value)  # llhttp has validated it
-        elif name == b"date":
+            self.resp_wire += (field.wire, value)
+        elif kind == DATE:
             self.resp_date = True
-        elif name == b"transfer-encoding":
+            self.resp_wire += (field.wire, value)
+        elif kind == CHUNKED:
             self.resp_te = True
-        elif name == b"connection":
+        elif kind == CONNECTION:
             self.resp_connection = (
                 value if self.resp_connection is None else self.resp_connection + b"," + value
             )
+        elif kind == MERGED_VIA:
+            self.resp_via = value if self.resp_via is None else self.resp_via + b", " + value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -141,12 +241,7 @@ class ResponseReader:
                         False,
                     )
                 )
-            self.resp_headers = []
-            self.version11 = False  # the final answer's version is llhttp's to say
-            self.resp_reason = b""  # a final status line may have none
-            self.resp_connection = None
-            self.resp_length = -1
-            self.resp_te = False
+            self.begin_response()
             return
         # llhttp forgets keep-alive once the message is done: read it now.
         self.upstream_keep_alive = bool(parser.should_keep_alive())
@@ -161,16 +256,18 @@ class ResponseReader:
         if not upgrade and (not ex.body_done or gw.draining):
             ex.keep_alive = False
         headers = self.resp_headers
+        slow = upgrade or names_fields(self.resp_connection)
         if status == 204 and (self.resp_length >= 0 or self.resp_te):
             # RFC 9110 8.6: never a Content-Length on a 204.
             headers = [(n, v) for n, v in headers if n != b"content-length"]
+            slow = True
             if self.resp_length > 0 or self.resp_te:
                 # It announced a body it must not have: its later bytes would be read as
                 # the next answer on this connection, so the connection is not reused.
                 self.upstream_keep_alive = False
         extra = ex.extra if self.resp_date else (*ex.extra, (b"date", gw.date))
-        self.out.append(
-            response_head(
+        if slow:
+            head = response_head(
                 status,
                 self.resp_reason,
                 headers,
@@ -182,7 +279,19 @@ class ResponseReader:
                 chunked=self.chunked_out,
                 upgrade=upgrade,
             )
-        )
+        else:  # the fields were sorted as they came (on_header): the same bytes, cheaper
+            head = response_wire(
+                status,
+                self.resp_reason,
+                self.resp_wire,
+                self.resp_via,
+                via,
+                extra,
+                not ex.keep_alive,
+                keep_alive_10=not ex.http11,
+                chunked=self.chunked_out,
+            )
+        self.out.append(head)
         ex.head_sent = True
         if no_body:
             self.complete = True
@@ -216,7 +325,36 @@ class ResponseReader:
             return  # an interim response; the final one follows on the same parser
         if self.chunked_out:
             self.out.append(LAST_CHUNK)
-        self.complete = True
+        self.complete = self.parsed = True
+
+    def relay_body(self, data: bytes | memoryview, read: ReadBuffer | None = None) -> None:
+        """A Content-Length body after its head: bytes go out as they come, unparsed, in
+        one write with whatever head is still waiting in `out`. `read`: data is a view of
+        that buffer, renewed when the client's transport keeps the view queued."""
+        self.progressed = True
+        left = self.body_left - len(data)
+        done = left <= 0
+        if left < 0:
+            data = data[: self.body_left]
+            self.overrun()
+        self.body_left = max(left, 0)
+        if self.ex.shadow is not None:
+            self.ex.shadow.primary_body(data)
+        if self.out:
+            self.out.append(data)  # type: ignore[arg-type]  # writelines takes any buffer
+            self.flush()
+        else:
+            self.client.send(data)
+        if read is not None and self.client.queued():
+            read.renew()
+        if done:
+            self.passthrough = False
+            self.complete = True
+            self.succeed()
+
+    def succeed(self) -> None:
+        """The response went to the client whole: the Attempt's ending (attempt.py)."""
+        raise NotImplementedError
 
     def flush(self) -> None:
         out = self.out

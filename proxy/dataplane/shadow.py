@@ -16,7 +16,13 @@ import httptools
 from proxy.core.config.model import CompareConfig
 from proxy.core.headers import Headers
 from proxy.core.mirror import Capture
-from proxy.dataplane.upstream import EndpointPool, UpstreamConnection, UpstreamError, VersionPool
+from proxy.dataplane.upstream import (
+    EndpointPool,
+    ReadBuffer,
+    UpstreamConnection,
+    UpstreamError,
+    VersionPool,
+)
 
 NO_BODY_STATUS = frozenset({204, 304})
 
@@ -163,6 +169,9 @@ class Leg:
         self.finish(f"no shadow answer within {timeout:g}s")
 
     # -- ConnectionUser ------------------------------------------------------------------
+    def upstream_view(self, read: ReadBuffer, n: int) -> None:
+        self.upstream_data(bytes(read.view[:n]))  # a shadow answer is parsed, never relayed
+
     def upstream_data(self, data: bytes) -> None:
         parser = self.parser
         if parser is None or self.done:

@@ -11,13 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.headers import (
+    DATE,
+    FORWARD,
     HOP_BY_HOP,
+    LENGTH,
     LOWER_NAME_CHARS,
     LOWER_NAMES,
+    MERGED_VIA,
     is_trusted,
     lower_name,
+    names_fields,
     request_head,
+    response_field,
     response_head,
+    response_wire,
     upgrade_protocols,
 )
 
@@ -608,3 +615,73 @@ def test_keep_alive_means_11_unless_proxy_connection():
 
     assert keep_alive_means_11([(b"host", b"a")])
     assert not keep_alive_means_11([(b"host", b"a"), (b"proxy-connection", b"keep-alive")])
+
+
+# -- response_wire: the fast path of the data plane, response_head's bytes ---------------------
+
+FIELD_NAMES = [
+    *DESIGN_HOP_BY_HOP,
+    b"Content-Length", b"DATE", b"Via", b"via", b"Server", b"x-Custom", b"Set-Cookie", b"close",
+    b"proxy-authenticate", b"HTTP2-Settings", b"ETag",
+]  # fmt: skip
+CONNECTIONS = [None, b"keep-alive", b"close", b"Keep-Alive, Upgrade", b"x-custom", b"te, etag"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(FIELD_NAMES), st.sampled_from([b"1", b"a b", b""]))),
+    st.sampled_from(CONNECTIONS),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_response_wire_is_response_head_when_connection_names_no_field(
+    raw: list[tuple[bytes, bytes]], connection: bytes | None, close: bool, ka10: bool, chunked: bool
+) -> None:
+    """The data plane sorts each field by its ResponseField kind as it arrives (relayed:
+    its wire prefix and value; Via: merged) and serialises with response_wire unless the
+    Connection value names a field; the bytes must be response_head's for the same head."""
+    headers: list[tuple[bytes, bytes]] = []
+    wire: list[bytes] = []
+    vias: bytes | None = None
+    for name, value in raw:
+        field = response_field(name)
+        headers.append((field.name, value))
+        if field.kind in (FORWARD, LENGTH, DATE):
+            wire += (field.wire, value)
+        elif field.kind == MERGED_VIA:
+            vias = value if vias is None else vias + b", " + value
+    extra = ((b"x-graygate-version", b"green"), (b"set-cookie", b"gg_uid=u1"))
+    expected = response_head(
+        200, b"OK", headers, connection, VIA, extra, close, keep_alive_10=ka10, chunked=chunked
+    )
+    if names_fields(connection):
+        assert connection in (b"x-custom", b"te, etag", b"close")
+        return  # the data plane takes response_head itself
+    fast = response_wire(
+        200, b"OK", wire, vias, VIA, extra, close, keep_alive_10=ka10, chunked=chunked
+    )
+    assert fast == expected
+
+
+def test_response_field_kinds_and_the_bounded_table() -> None:
+    assert response_field(b"Content-Length").name == b"content-length"
+    assert response_field(b"Content-Length").kind == LENGTH
+    assert response_field(b"X-Custom").wire == b"\r\nx-custom: "
+    assert response_field(b"Server") is response_field(b"Server")  # one object per name
+    assert [response_field(n).kind == FORWARD for n in DESIGN_HOP_BY_HOP] == [False] * 7
+    # Names past the table's bound are still answered, just not kept.
+    for i in range(LOWER_NAMES + 5):
+        assert response_field(b"X-Fill-%d" % i).name == b"x-fill-%d" % i
+    long = b"X-" + b"L" * LOWER_NAME_CHARS
+    assert response_field(long).name == long.lower()
+    assert response_field(long) is not response_field(long)
+
+
+def test_names_fields_reads_connection_tokens() -> None:
+    assert not names_fields(None)
+    assert not names_fields(b"keep-alive")
+    assert not names_fields(b"Keep-Alive, TE, upgrade")
+    assert names_fields(b"close")  # response_head drops a field named "close": so does this
+    assert names_fields(b"keep-alive, X-Secret")
+    assert not names_fields(b"content-length")  # never dropped: PROTECTED

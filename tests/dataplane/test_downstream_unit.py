@@ -12,8 +12,9 @@ from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
 from proxy.dataplane.downstream import MAX_PIPELINE, DownstreamProtocol
 from proxy.dataplane.gateway import Gateway
-from proxy.dataplane.upstream import UpstreamConnection
-from tests.helpers import FakeTransport
+from proxy.dataplane.response import Relay
+from proxy.dataplane.upstream import READ_BUFFER, READS, UpstreamConnection
+from tests.helpers import FakeTransport, deliver
 
 
 def get(path: str) -> bytes:
@@ -66,11 +67,11 @@ async def test_a_pipelined_pair_is_answered_in_order() -> None:
     assert len(h.down.queue) == 2
     sent = b"".join(h.sent_upstream())
     assert sent.startswith(b"GET /a ") and b"GET /b" not in sent  # one at a time
-    h.answering().data_received(ok(b"first"))
+    deliver(h.answering(), ok(b"first"))
     first = h.client.take()
     assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"first")
     assert b"".join(h.sent_upstream()).startswith(b"GET /b ")  # started after the first
-    h.answering().data_received(ok(b"second"))
+    deliver(h.answering(), ok(b"second"))
     assert h.client.take().endswith(b"second")
     assert not h.down.queue and not h.client.closing
 
@@ -80,7 +81,7 @@ async def test_keep_alive_reuses_the_connection_and_its_upstream() -> None:
     for path in ("/one", "/two"):
         h.down.data_received(get(path))
         conn = h.answering()
-        conn.data_received(ok(path.encode()))
+        deliver(conn, ok(path.encode()))
         assert h.client.take().endswith(path.encode())
         assert not h.client.closing
         assert h.down.deadline > 0  # the keep-alive timeout is armed
@@ -119,7 +120,7 @@ async def test_reading_pauses_once_max_pipeline_requests_wait() -> None:
     h.down.data_received(get("/last"))
     assert len(h.down.queue) == MAX_PIPELINE
     assert h.client.paused and h.down.paused & h.down.PAUSE_PIPELINE
-    h.answering().data_received(ok(b"x"))  # one answered: below the limit again
+    deliver(h.answering(), ok(b"x"))  # one answered: below the limit again
     assert not h.client.paused and h.down.paused == 0
 
 
@@ -210,10 +211,10 @@ async def test_a_refused_h2c_upgrade_goes_out_plain_with_its_body_then_the_next_
         b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n"
         b"x-forwarded-host: shop.example\r\nvia: 1.1 graygate\r\n\r\nhello"
     )
-    h.answering().data_received(ok(b"one"))
+    deliver(h.answering(), ok(b"one"))
     assert h.client.take().endswith(b"\r\n\r\none")
     assert b"".join(h.sent_upstream()).startswith(b"GET /next HTTP/1.1\r\n")
-    h.answering().data_received(ok(b"two"))
+    deliver(h.answering(), ok(b"two"))
     assert h.client.take().endswith(b"\r\n\r\ntwo") and not h.client.closing
 
 
@@ -226,8 +227,9 @@ async def test_a_websocket_upgrade_holds_the_bytes_after_it_until_the_101() -> N
     assert h.down.queue[0].early == b"EARLY"
     assert h.client.paused and h.down.paused == h.down.PAUSE_UPGRADE
     assert b"".join(h.sent_upstream()).endswith(b"connection: upgrade\r\n\r\n")
-    h.answering().data_received(
-        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nup"
+    deliver(
+        h.answering(),
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nup",
     )
     assert h.client.take().endswith(b"connection: upgrade\r\n\r\nup")
     assert b"".join(h.sent_upstream()) == b"EARLY" and not h.client.paused
@@ -241,7 +243,7 @@ async def test_connection_close_answers_that_request_and_parses_nothing_after_it
         b"GET /a HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n" + get("/b")
     )
     assert [ex.target for ex in h.down.queue] == [b"/a"]
-    h.answering().data_received(ok(b"a"))
+    deliver(h.answering(), ok(b"a"))
     assert h.client.take().endswith(b"connection: close\r\n\r\na")
     assert h.client.closing
 
@@ -294,3 +296,83 @@ async def test_a_second_host_or_an_invalid_one_is_a_400() -> None:
         assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
         assert answer.endswith(b"\r\n\r\n400 Bad Request: " + why + b"\n")
         assert h.client.closing and h.sent_upstream() == [b"", b""]
+
+
+class QueuingTransport(FakeTransport):
+    """A client transport that queues what it is given, views included, uncopied: as
+    uvloop's does when the socket takes less than a write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:  # type: ignore[override]
+        self.queue.append(data)
+
+    def writelines(self, parts: Any) -> None:
+        self.queue.extend(parts)
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(p) for p in self.queue)
+
+    def sent(self) -> bytes:
+        return b"".join(bytes(p) for p in self.queue)
+
+
+def big(fill: int, size: int = 3 * READ_BUFFER) -> bytes:
+    """A body whose bytes tell where they are: a reused buffer would show in it."""
+    return bytes((fill + i // 4096) % 251 for i in range(size))
+
+
+async def test_a_large_body_is_relayed_as_views_of_the_read_buffer_without_a_copy() -> None:
+    h = Harness()
+    h.down.data_received(get("/a"))
+    body = big(0)
+    before = READS.buf
+    deliver(h.answering(), ok(body))
+    answer = h.client.take()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(body)
+    assert READS.buf is before  # the client took every write at once: the buffer stays
+
+
+async def test_a_view_the_client_keeps_queued_makes_the_next_read_use_a_new_buffer() -> None:
+    h = Harness()
+    h.down.transport = h.client = QueuingTransport()  # nothing leaves: every view stays queued
+    h.down.data_received(get("/a") + get("/b"))
+    first, second = big(1), big(2)
+    before = READS.buf
+    deliver(h.answering(), ok(first))
+    assert READS.buf is not before  # renewed: the queued views still point into the old one
+    deliver(h.answering(), ok(second))  # while every view of the first is still queued
+    sent = h.client.sent()
+    assert sent.count(b"HTTP/1.1 200 ") == 2
+    assert sent.split(b"\r\n\r\n", 1)[1].startswith(first)
+    assert sent.endswith(second)
+
+
+async def test_the_response_parser_goes_on_with_the_next_answer_on_its_connection() -> None:
+    h = Harness(idle=1)
+    (conn, _) = h.upstreams[0]
+    h.down.data_received(get("/a"))
+    deliver(conn, ok(b"one"))
+    assert h.client.take().endswith(b"one")
+    relay = conn.reader
+    assert isinstance(relay, Relay) and relay.to is None  # left for the next attempt, idle
+    h.down.data_received(get("/b"))
+    assert relay.to is not None  # the next attempt took it
+    deliver(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\n\r\n")
+    assert h.client.take().endswith(b"3\r\ntwo\r\n0\r\n\r\n")
+    assert conn.reader is relay  # parsed whole again: kept
+
+
+async def test_a_body_relayed_past_the_parser_leaves_no_parser_to_reuse() -> None:
+    h = Harness(idle=1)
+    (conn, _) = h.upstreams[0]
+    h.down.data_received(get("/a"))
+    deliver(conn, ok(big(3, READ_BUFFER)))  # relayed as views: llhttp never saw its end
+    assert conn.reader is None
+    h.down.data_received(get("/b"))
+    deliver(conn, ok(b"next"))
+    answer = h.client.take()
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b"next")
+    assert isinstance(conn.reader, Relay)  # a new parser read it, and is kept

@@ -13,7 +13,8 @@ builds them from these). Import from here: `from tests.helpers import route_conf
 - waiting: wait_until
 - metrics: scrape_samples, parse_samples, metric_sum, metric_value (/metrics parsed by
   prometheus_client)
-- fakes: FakeTransport (a socket-free asyncio transport)
+- fakes: FakeTransport (a socket-free asyncio transport), deliver (bytes into a
+  BufferedProtocol as the loop's reads)
 - net, paths, processes: free_port, wait_port, ROOT, compiled_sources, module_of,
   Process, RedisServer
 - bench (not re-exported: short harness runs): tools_or_fail, graygate_works, quick_run
@@ -32,7 +33,7 @@ from tests.helpers.client import (
     split_head,
     status_of,
 )
-from tests.helpers.fakes import FakeTransport
+from tests.helpers.fakes import FakeTransport, deliver
 from tests.helpers.gateway import RunningGateway, start_gateway, stop_gateway
 from tests.helpers.metrics import metric_sum, metric_value, parse_samples, scrape_samples
 from tests.helpers.net import free_port, wait_port
@@ -64,6 +65,7 @@ __all__ = [
     "ScriptedUpstream",
     "Upstream",
     "compiled_sources",
+    "deliver",
     "free_port",
     "metric_sum",
     "metric_value",

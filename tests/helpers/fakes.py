@@ -1,10 +1,22 @@
 """A transport without a socket, for driving asyncio Protocols by hand (the client side
-through data_received, an upstream connection through its own data_received)."""
+through data_received, an upstream connection, a BufferedProtocol, through deliver())."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
+
+
+def deliver(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """What the event loop does with the bytes of reads for a BufferedProtocol: each read
+    fills (part of) the buffer get_buffer() gives, then buffer_updated(n)."""
+    while data:
+        buf = protocol.get_buffer(len(data))
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        protocol.buffer_updated(n)
+        data = data[n:]
 
 
 class FakeTransport:

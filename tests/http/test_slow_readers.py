@@ -173,3 +173,50 @@ async def test_back_pressure_carries_over_to_the_next_answer(scripted_upstream, 
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def test_answers_to_clients_reading_at_different_paces_arrive_whole(
+    scripted_upstream, gateway
+) -> None:
+    """Upstream reads share one buffer and bodies leave as views of it: a view one client's
+    transport keeps queued must never see the bytes of a later read, for that answer or
+    another connection's."""
+    bodies = [random.Random(seed).randbytes(4 * MIB) for seed in (1, 2, 3)]
+
+    async def script(up, reader, writer) -> None:
+        while (head := await up.read_head(reader)) is not None:
+            body = bodies[int(head.split(b" ")[1][1:])]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for at in range(0, len(body), 256 * 1024):
+                writer.write(body[at : at + 256 * 1024])
+                await writer.drain()
+
+    up = await scripted_upstream(script)
+    gw = await gateway([route_config(up.url)], timeouts={"read": "10s"})
+
+    async def fetch(i: int, pause: float) -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # graygate's writes stall
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(b"GET /%d HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n" % i)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            got = bytearray()
+            while chunk := await reader.read(16 * 1024):
+                got += chunk
+                if pause:
+                    await asyncio.sleep(pause)
+            return bytes(got)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async with asyncio.timeout(60):
+        got = await asyncio.gather(fetch(0, 0.0), fetch(1, 0.002), fetch(2, 0.01))
+    for i, body in enumerate(bodies):
+        assert len(got[i]) == len(body), f"answer {i}: {len(got[i])} of {len(body)} bytes"
+        assert got[i] == body, f"answer {i} arrived with other bytes"
