@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.core.headers import (
     DATE,
+    FIELDS_PER_LENGTH,
     FORWARD,
     HOP_BY_HOP,
     LENGTH,
@@ -670,9 +671,11 @@ def test_response_field_kinds_and_the_bounded_table() -> None:
     assert response_field(b"X-Custom").wire == b"\r\nx-custom: "
     assert response_field(b"Server") is response_field(b"Server")  # one object per name
     assert [response_field(n).kind == FORWARD for n in DESIGN_HOP_BY_HOP] == [False] * 7
-    # Names past the table's bound are still answered, just not kept.
-    for i in range(LOWER_NAMES + 5):
-        assert response_field(b"X-Fill-%d" % i).name == b"x-fill-%d" % i
+    # Names past the table's bound (FIELDS_PER_LENGTH a length) are answered, not kept.
+    for i in range(FIELDS_PER_LENGTH + 5):
+        assert response_field(b"X-Fill-%02d" % i).name == b"x-fill-%02d" % i
+    assert response_field(b"X-Fill-12") is not response_field(b"X-Fill-12")
+    assert response_field(b"Content-Length") is response_field(b"Content-Length")  # kept
     long = b"X-" + b"L" * LOWER_NAME_CHARS
     assert response_field(long).name == long.lower()
     assert response_field(long) is not response_field(long)
