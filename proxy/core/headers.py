@@ -78,9 +78,10 @@ MERGED_VIA: Final = 6  # merged into graygate's own Via
 class ResponseField:
     """A response field name as the client side needs it: lowercase, its kind, and its
     line prefix (b"\\r\\nname: "), so relaying a field is two list appends. `raw`: the
-    name as the parser reported it (the table's key)."""
+    name as the parser reported it (the table's key); `relayed`: it goes to the client as
+    it came (FORWARD, LENGTH, DATE)."""
 
-    __slots__ = ("kind", "name", "raw", "wire")
+    __slots__ = ("kind", "name", "raw", "relayed", "wire")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -100,6 +101,7 @@ class ResponseField:
             self.kind = HOP
         else:
             self.kind = FORWARD
+        self.relayed = self.kind in (FORWARD, LENGTH, DATE)
 
 
 # The fields seen so far, by the length of their name as reported: a lookup is a few byte

@@ -36,7 +36,7 @@ class Attempt(ResponseReader):
         self.conn: UpstreamConnection | None = None
         self.reused = False
         self.connecting: asyncio.Task[None] | None = None
-        self.parser = self.relay = None
+        self.relay = None
         self.parsed = False
         self.got_bytes = False
         self.status = 0
@@ -83,7 +83,7 @@ class Attempt(ResponseReader):
         self.conn = conn
         self.reused = reused
         conn.user = self
-        self.take_parser(conn, reused)
+        self.take_parser(conn)
         transport = conn.transport
         assert transport is not None
         self.progressed = True
@@ -130,16 +130,15 @@ class Attempt(ResponseReader):
     # -- ConnectionUser ------------------------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
         if self.passthrough:
-            self.relay_body(data)
+            if self.relay_body(data):
+                self.succeed()
             return
         if self.tunnel:
             self.client.send(data)
             return
-        if self.parser is None or self.ex.ended:
+        if self.relay is None or self.ex.ended:
             return
-        self.version11 = self.version11 if self.got_bytes else data.startswith(b"HTTP/1.1 ")
-        self.got_bytes = True
-        self.progressed = True
+        self.heard(data)
         if self.feed(data):
             self.flush()
 
@@ -148,9 +147,10 @@ class Attempt(ResponseReader):
         writev with the head when the head came in the same read), never copied."""
         view = read.view[:n]
         if self.passthrough:
-            self.relay_body(view, read)
+            if self.relay_body(view, read):
+                self.succeed()
             return
-        if self.tunnel or self.parser is None or self.ex.ended or self.ex.head_sent:
+        if self.tunnel or self.relay is None or self.ex.ended or self.ex.head_sent:
             self.upstream_data(bytes(view))
             return
         end = read.buf.find(b"\r\n\r\n", 0, min(n, 65536))
@@ -158,15 +158,22 @@ class Attempt(ResponseReader):
             self.upstream_data(bytes(view))
             return
         end += 4  # the head is parsed apart, a body after it relayed unparsed
-        self.version11 = self.version11 if self.got_bytes else read.buf.startswith(b"HTTP/1.1 ")
-        self.got_bytes = True
-        self.progressed = True
+        self.heard(read.buf)
         if not self.feed(bytes(view[:end]), end < n):
             return
         if self.passthrough:
-            self.relay_body(view[end:], read)
+            if self.relay_body(view[end:], read):
+                self.succeed()
         elif self.feed(bytes(view[end:])):
             self.flush()
+
+    def heard(self, data: bytes | bytearray) -> None:
+        """Bytes of the answer arrived (`data` begins with them): the first read begins at
+        the status line, and whether it said HTTP/1.1 saves asking llhttp for a str."""
+        if not self.got_bytes:
+            self.version11 = data.startswith(b"HTTP/1.1 ")
+            self.got_bytes = True
+        self.progressed = True
 
     def upstream_lost(self, exc: Exception | None) -> None:
         ex = self.ex
@@ -201,10 +208,9 @@ class Attempt(ResponseReader):
     def feed(self, data: bytes, more: bool = False) -> bool:
         """Parse upstream bytes (`more`: others follow them in this read); False when the
         exchange ended (its output is flushed)."""
-        parser = self.parser
-        assert parser is not None
+        assert self.relay is not None
         try:
-            parser.feed_data(data)
+            self.relay.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.flush()
             if self.status == 101 and self.ex.upgrade:

@@ -315,9 +315,10 @@ class Exchange(RequestFeed[Client]):
         self.drop_endpoint()
         a = self.attempt
         if a is not None:
-            # The parser holds the attempt's bound callbacks, the attempt holds us: break
-            # both cycles now rather than leave them to the garbage collector.
-            a.parser = None
+            # The parser's relay points at the attempt, the attempt at us: break both
+            # cycles now rather than leave them to the garbage collector (a no-op when
+            # the attempt's own ending has let the parser go already).
+            a.let_go(None, False)
             self.attempt = None
         self.pending = []
         if self.shadow is not None:  # the primary's head is the attempt's final one

@@ -14,7 +14,6 @@ from proxy.core.headers import (
     CHUNKED,
     CONNECTION,
     DATE,
-    FORWARD,
     LENGTH,
     MERGED_VIA,
     Headers,
@@ -45,8 +44,9 @@ class Overrun(Exception):
 
 class Relay:
     """The response parser of one upstream connection, and the reader its callbacks go to
-    now. llhttp's parser is made once per connection (2.6k instructions); after an answer
-    it parsed whole it is at the start of the next, which the next attempt reads with it."""
+    now. llhttp's parser is made once per connection (httptools' set-up costs about 5k
+    instructions); after an answer it parsed whole it is at the start of the next, which
+    the next attempt on the connection reads with it."""
 
     __slots__ = ("parser", "to")
     # Callbacks we do not take, present as None: httptools looks each one up per parser,
@@ -94,7 +94,6 @@ class ResponseReader:
         "gw",
         "out",
         "parsed",
-        "parser",
         "passthrough",
         "progressed",
         "relay",
@@ -114,8 +113,7 @@ class ResponseReader:
     ex: Owner
     client: Sink
     gw: Gateway
-    relay: Relay | None  # the connection's parser and the link from its callbacks to us
-    parser: httptools.HttpResponseParser | None  # the relay's
+    relay: Relay | None  # the connection's parser, and the link from its callbacks to us
     parsed: bool  # the parser saw the final answer end (a relayed body it does not see)
     status: int
     resp_reason: bytes
@@ -136,15 +134,14 @@ class ResponseReader:
     passthrough: bool  # body bytes now go to the client without the parser
     progressed: bool  # bytes moved since the attempt's last timeout tick
 
-    def take_parser(self, conn: UpstreamConnection, reused: bool) -> None:
-        """The parser the connection's last attempt left, else a new one."""
+    def take_parser(self, conn: UpstreamConnection) -> None:
+        """The parser the connection's last attempt left (let_go), else a new one."""
         relay = conn.reader
-        if reused and isinstance(relay, Relay):
+        if isinstance(relay, Relay):
             relay.to = self
         else:
             relay = Relay(self)
         self.relay = relay
-        self.parser = relay.parser
 
     def let_go(self, conn: UpstreamConnection | None, keep: bool) -> None:
         """Done with the parser: its callbacks reach us no more. `keep`: the connection
@@ -152,7 +149,6 @@ class ResponseReader:
         next attempt on the connection."""
         relay = self.relay
         self.relay = None
-        self.parser = None
         if relay is not None:
             relay.to = None
         if conn is not None:
@@ -193,16 +189,14 @@ class ResponseReader:
         field = response_field(name)
         self.resp_headers.append((field.name, value))
         kind = field.kind
-        if kind == FORWARD:
+        if field.relayed:
             wire = self.resp_wire
             wire.append(field.wire)
             wire.append(value)
-        elif kind == LENGTH:
-            self.resp_length = int(value)  # llhttp has validated it
-            self.resp_wire += (field.wire, value)
-        elif kind == DATE:
-            self.resp_date = True
-            self.resp_wire += (field.wire, value)
+            if kind == LENGTH:
+                self.resp_length = int(value)  # llhttp has validated it
+            elif kind == DATE:
+                self.resp_date = True
         elif kind == CHUNKED:
             self.resp_te = True
         elif kind == CONNECTION:
@@ -213,8 +207,8 @@ class ResponseReader:
             self.resp_via = value if self.resp_via is None else self.resp_via + b", " + value
 
     def on_headers_complete(self) -> None:
-        parser = self.parser
-        assert parser is not None
+        assert self.relay is not None
+        parser = self.relay.parser
         if self.complete:
             raise Overrun()  # a next message whose status line has no reason phrase
         status = parser.get_status_code()
@@ -327,10 +321,11 @@ class ResponseReader:
             self.out.append(LAST_CHUNK)
         self.complete = self.parsed = True
 
-    def relay_body(self, data: bytes | memoryview, read: ReadBuffer | None = None) -> None:
+    def relay_body(self, data: bytes | memoryview, read: ReadBuffer | None = None) -> bool:
         """A Content-Length body after its head: bytes go out as they come, unparsed, in
         one write with whatever head is still waiting in `out`. `read`: data is a view of
-        that buffer, renewed when the client's transport keeps the view queued."""
+        that buffer, renewed when the client's transport keeps the view queued. True when
+        the body is complete (the caller ends the attempt)."""
         self.progressed = True
         left = self.body_left - len(data)
         done = left <= 0
@@ -350,11 +345,7 @@ class ResponseReader:
         if done:
             self.passthrough = False
             self.complete = True
-            self.succeed()
-
-    def succeed(self) -> None:
-        """The response went to the client whole: the Attempt's ending (attempt.py)."""
-        raise NotImplementedError
+        return done
 
     def flush(self) -> None:
         out = self.out

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.headers import (
-    DATE,
     FIELDS_PER_LENGTH,
     FORWARD,
     HOP_BY_HOP,
@@ -648,7 +647,7 @@ def test_response_wire_is_response_head_when_connection_names_no_field(
     for name, value in raw:
         field = response_field(name)
         headers.append((field.name, value))
-        if field.kind in (FORWARD, LENGTH, DATE):
+        if field.relayed:
             wire += (field.wire, value)
         elif field.kind == MERGED_VIA:
             vias = value if vias is None else vias + b", " + value
@@ -668,6 +667,8 @@ def test_response_wire_is_response_head_when_connection_names_no_field(
 def test_response_field_kinds_and_the_bounded_table() -> None:
     assert response_field(b"Content-Length").name == b"content-length"
     assert response_field(b"Content-Length").kind == LENGTH
+    assert response_field(b"Content-Length").relayed and response_field(b"Date").relayed
+    assert not response_field(b"Transfer-Encoding").relayed and not response_field(b"Via").relayed
     assert response_field(b"X-Custom").wire == b"\r\nx-custom: "
     assert response_field(b"Server") is response_field(b"Server")  # one object per name
     assert [response_field(n).kind == FORWARD for n in DESIGN_HOP_BY_HOP] == [False] * 7
