@@ -158,8 +158,9 @@ class Attempt(ResponseReader):
             self.upstream_data(bytes(view))
             return
         end += 4  # the head is parsed apart, a body after it relayed unparsed
-        self.heard(read.buf)
-        if not self.feed(bytes(view[:end]), end < n):
+        head = bytes(view[:end])
+        self.heard(head)
+        if not self.feed(head, end < n):
             return
         if self.passthrough:
             if self.relay_body(view[end:], read):
@@ -167,9 +168,10 @@ class Attempt(ResponseReader):
         elif self.feed(bytes(view[end:])):
             self.flush()
 
-    def heard(self, data: bytes | bytearray) -> None:
+    def heard(self, data: bytes) -> None:
         """Bytes of the answer arrived (`data` begins with them): the first read begins at
-        the status line, and whether it said HTTP/1.1 saves asking llhttp for a str."""
+        the status line, and whether it said HTTP/1.1 saves asking llhttp for a str.
+        bytes only: compiled, startswith on bytes is native, on a union a method lookup."""
         if not self.got_bytes:
             self.version11 = data.startswith(b"HTTP/1.1 ")
             self.got_bytes = True

@@ -10,20 +10,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import cast
 
 from proxy.core.headers import is_trusted, serialize
 from proxy.core.responses import TEXT_PLAIN, LocalAnswer, status_line
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.gateway import Gateway
-from proxy.dataplane.reader import MAX_PIPELINE, RequestReader
+from proxy.dataplane.reader import MAX_PIPELINE, Connection, RequestReader
 from proxy.dataplane.sides import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPGRADE, PAUSE_UPSTREAM
 
 logger = logging.getLogger(__name__)
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(Connection):
+    """An asyncio protocol by its methods (uvloop calls them by name); its base is the
+    interface the reader, the exchanges and their attempts see it through."""
+
     PAUSE_PIPELINE = PAUSE_PIPELINE
     PAUSE_BUFFER = PAUSE_BUFFER
     PAUSE_UPSTREAM = PAUSE_UPSTREAM
@@ -269,3 +273,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
+
+
+def protocol_factory(gw: Gateway) -> Callable[[], asyncio.BaseProtocol]:
+    """What create_server takes: a DownstreamProtocol per connection. Cast: the class is
+    an asyncio protocol by its methods, not by its base."""
+    return cast("Callable[[], asyncio.BaseProtocol]", partial(DownstreamProtocol, gw))

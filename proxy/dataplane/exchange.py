@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+from abc import abstractmethod
 from random import random
 from time import perf_counter
-from typing import Final, Protocol
+from typing import Final
 
 from proxy.core.headers import XFF, Headers, client_address, request_head
 from proxy.core.responses import LocalAnswer, max_forwards
@@ -29,16 +30,18 @@ EMPTY: Final[dict[str, str]] = {}
 MAX_FORWARDS_METHODS: Final = frozenset({b"OPTIONS", b"TRACE"})
 
 
-class Client(ClientSide, Protocol):
+class Client(ClientSide):
     """The client connection as an exchange sees it (downstream.DownstreamProtocol)."""
 
+    __slots__ = ("client_ip", "client_ip_bytes", "scheme", "trusted")
     client_ip: str
     client_ip_bytes: bytes
     trusted: bool  # the peer is a trusted proxy: its X-Forwarded-For counts
     scheme: bytes  # b"https" on a TLS listener
-    closed: bool
 
+    @abstractmethod
     def start_tunnel(self, ex: Exchange) -> None: ...
+    @abstractmethod
     def finished(self, ex: Exchange) -> None: ...
 
 
@@ -54,14 +57,9 @@ class Exchange(RequestFeed[Client]):
         "connection",
         "cookie",
         "cookie_extra",
-        "deadline",
-        "early",
         "ep",
         "error",
         "has_body",
-        "head",
-        "head_sent",
-        "headers",
         "host",
         "path",
         "reason",
@@ -70,7 +68,6 @@ class Exchange(RequestFeed[Client]):
         "started",
         "target",
         "tried",
-        "upgrade",
         "version",
         "vpool",
         "vstats",

@@ -6,61 +6,39 @@ builds on it; choosing, retrying and recording are exchange.py's.
 
 from __future__ import annotations
 
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, TypeVar
 
 from proxy.core.headers import Headers
 from proxy.core.responses import LocalAnswer, answer_fields, own_response
 from proxy.dataplane.attempt import Attempt
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.response import LAST_CHUNK
-from proxy.dataplane.sides import PAUSE_BUFFER, Sink, Tap
+from proxy.dataplane.sides import PAUSE_BUFFER, Owner, Sink
 
 BODY_BUFFER_LIMIT: Final = 256 * 1024  # request body held while the upstream connection opens
 
 
-class ClientSide(Sink, Protocol):
+class ClientSide(Sink):
     """What the feed needs of the client connection (exchange.Client is the whole)."""
 
+    __slots__ = ("closed",)
     closed: bool
 
 
 C = TypeVar("C", bound=ClientSide)
 
 
-class RequestFeed(Generic[C]):
+class RequestFeed(Owner, Generic[C]):
     """The base of Exchange (no object more per request); Exchange.__init__ sets every
-    field, these included. Generic in the client: Exchange's is the whole exchange.Client."""
+    field, these and Owner's included. Generic in the client: Exchange's is the whole
+    exchange.Client."""
 
-    __slots__ = (
-        "attempt",
-        "body_done",
-        "body_seen",
-        "chunked",
-        "client",
-        "ended",
-        "extra",
-        "gw",
-        "http11",
-        "keep_alive",
-        "method",
-        "pending",
-        "pending_bytes",
-        "shadow",
-    )
+    __slots__ = ("attempt", "body_seen", "chunked", "client", "gw")
     attempt: Attempt | None
-    body_done: bool  # the whole request body has been read
     body_seen: int  # decoded body bytes of a chunked request, for max_body_bytes
     chunked: bool
     client: C
-    ended: bool
-    extra: tuple[tuple[bytes, bytes], ...]  # added to the response head
     gw: Gateway
-    http11: bool
-    keep_alive: bool
-    method: bytes
-    pending: list[bytes]  # request body before the upstream connection exists
-    pending_bytes: int
-    shadow: Tap | None  # the mirrored copy (dataplane/mirror.py)
 
     # -- request body, fed by the client side ---------------------------------------------
     def request_body(self, data: bytes) -> None:

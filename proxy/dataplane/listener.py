@@ -11,14 +11,13 @@ import contextlib
 import socket
 import ssl
 import time
-from functools import partial
 from typing import Any
 
 from proxy.core.config.model import Config, TlsConfig
 from proxy.core.mirror import Mirrors
 from proxy.core.state import PolicyStore
 from proxy.core.stats import Stats
-from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.downstream import protocol_factory
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.tls import reload_context, server_context
 
@@ -54,7 +53,7 @@ class Listener:
             # A handshake is part of the request head's time: the same bound applies.
             tls_options = {"ssl": self.tls, "ssl_handshake_timeout": config.timeouts.client_header}
         self.server = await self.loop.create_server(
-            partial(DownstreamProtocol, self.gateway),
+            protocol_factory(self.gateway),
             listen.host or None,
             listen.port,
             backlog=4096,

@@ -7,8 +7,9 @@ becomes an Exchange queued on the connection (`Connection`); it owns everything 
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections import deque
-from typing import Final, Protocol
+from typing import ClassVar, Final
 
 import httptools
 
@@ -35,15 +36,20 @@ class BodyTooLarge(Exception):
     """Raised inside a parser callback; the verdict waits in `limit_error`."""
 
 
-class Connection(Client, Protocol):
+class Connection(Client):
     """The client connection as its reader sees it (downstream.DownstreamProtocol)."""
 
+    __slots__ = ("deadline", "queue")
     queue: deque[Exchange]  # head = the one being answered
     deadline: float
 
+    @abstractmethod
     def arm(self, seconds: float) -> None: ...
+    @abstractmethod
     def disarm(self) -> None: ...
+    @abstractmethod
     def start(self, ex: Exchange) -> None: ...
+    @abstractmethod
     def reject(self, answer: LocalAnswer) -> None: ...
 
 
@@ -98,6 +104,11 @@ class PrimedCallbacks:
 class RequestReader:
     """The parser's callback object, created with the connection: the fields of the head
     being read, and the requests the connection has not finished reading."""
+
+    # Callbacks we do not take, present as None: httptools looks each one up per parser,
+    # and a missing attribute costs it an AttributeError raised and cleared.
+    on_chunk_header: ClassVar[None] = None
+    on_chunk_complete: ClassVar[None] = None
 
     def __init__(self, down: Connection, gw: Gateway) -> None:
         self.down = down

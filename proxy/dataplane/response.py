@@ -6,7 +6,8 @@ bytes to write gathered in `out`. The connection and the endings are attempt.py'
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Final
+from types import SimpleNamespace
+from typing import Final
 
 import httptools
 
@@ -46,18 +47,34 @@ class Relay:
     """The response parser of one upstream connection, and the reader its callbacks go to
     now. llhttp's parser is made once per connection (httptools' set-up costs about 5k
     instructions); after an answer it parsed whole it is at the start of the next, which
-    the next attempt on the connection reads with it."""
+    the next attempt on the connection reads with it, and after a body relayed past it
+    restart() puts it there."""
 
-    __slots__ = ("parser", "to")
-    # Callbacks we do not take, present as None: httptools looks each one up per parser,
-    # and a missing attribute costs it an AttributeError raised and cleared (2k in all).
-    on_message_begin: ClassVar[None] = None
-    on_chunk_header: ClassVar[None] = None
-    on_chunk_complete: ClassVar[None] = None
+    __slots__ = ("callbacks", "parser", "to")
 
     def __init__(self, to: ResponseReader) -> None:
         self.to: ResponseReader | None = to
-        self.parser = httptools.HttpResponseParser(self)
+        # What httptools takes its callbacks from, with getattr at every set-up (restart
+        # too): from a namespace, a dict lookup each; from self, a bound method made each,
+        # and an AttributeError raised and cleared per callback we do not take.
+        self.callbacks = SimpleNamespace(
+            on_status=self.on_status,
+            on_header=self.on_header,
+            on_headers_complete=self.on_headers_complete,
+            on_body=self.on_body,
+            on_message_complete=self.on_message_complete,
+            on_message_begin=None,
+            on_chunk_header=None,
+            on_chunk_complete=None,
+        )
+        self.parser = httptools.HttpResponseParser(self.callbacks)
+        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+
+    def restart(self) -> None:
+        """Back to the start of a message, in place: after a body relayed past llhttp,
+        which still waits for its bytes. httptools' __init__ sets every field of the
+        parser anew (llhttp_init, the callbacks, the leniencies cleared)."""
+        httptools.HttpResponseParser.__init__(self.parser, self.callbacks)
         self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
 
     def reader(self) -> ResponseReader:
@@ -145,14 +162,16 @@ class ResponseReader:
 
     def let_go(self, conn: UpstreamConnection | None, keep: bool) -> None:
         """Done with the parser: its callbacks reach us no more. `keep`: the connection
-        goes back to the pool and the parser saw the answer end, so it is left for the
-        next attempt on the connection."""
+        goes back to the pool at the end of an answer, so the parser is left for the next
+        attempt on the connection (restarted if the body went past it)."""
         relay = self.relay
         self.relay = None
         if relay is not None:
             relay.to = None
+            if keep and not self.parsed:
+                relay.restart()
         if conn is not None:
-            conn.reader = relay if keep and self.parsed else None
+            conn.reader = relay if keep else None
 
     def begin_response(self) -> None:
         """The fields of one response head, empty: before the first, and after an interim

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator
+from time import monotonic
 from typing import Final, Literal, Protocol, cast
 
 from proxy.core.config.model import Config, Endpoint, HealthCheckConfig, Limits, OutlierConfig
@@ -221,7 +221,7 @@ class EndpointPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.user = None
         if reusable and not self.retired and not conn.closed and len(self.idle) < self.max_idle:
-            conn.idle_since = time.monotonic()
+            conn.idle_since = monotonic()
             if self.waiters:
                 self.idle.append(conn)
                 self._wake()

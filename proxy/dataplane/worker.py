@@ -19,7 +19,6 @@ import ssl
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from functools import partial
 from typing import Any
 
 import uvloop
@@ -42,7 +41,7 @@ from proxy.dataplane.channel import (
     Ready,
     Serve,
 )
-from proxy.dataplane.downstream import DownstreamProtocol
+from proxy.dataplane.downstream import protocol_factory
 from proxy.dataplane.gateway import Gateway
 from proxy.dataplane.tls import reload_context, server_context
 
@@ -114,7 +113,7 @@ class Worker:
         # Bound now, accepting only on Serve: the supervisor sends Serve after every
         # Policy it sent so far, so no request is ever answered with an older one.
         self.server = await self.loop.create_server(
-            partial(DownstreamProtocol, self.gateway),
+            protocol_factory(self.gateway),
             config.listen.host or None,
             hello.port,
             backlog=4096,

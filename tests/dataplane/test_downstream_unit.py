@@ -365,14 +365,25 @@ async def test_the_response_parser_goes_on_with_the_next_answer_on_its_connectio
     assert conn.reader is relay  # parsed whole again: kept
 
 
-async def test_a_body_relayed_past_the_parser_leaves_no_parser_to_reuse() -> None:
+async def test_a_body_relayed_past_the_parser_restarts_it_for_the_next_answer() -> None:
     h = Harness(idle=1)
     (conn, _) = h.upstreams[0]
     h.down.data_received(get("/a"))
     deliver(conn, ok(big(3, READ_BUFFER)))  # relayed as views: llhttp never saw its end
-    assert conn.reader is None
+    relay = conn.reader
+    assert isinstance(relay, Relay) and relay.to is None  # restarted in place and kept
     h.down.data_received(get("/b"))
-    deliver(conn, ok(b"next"))
+    # Chunk sizes with spaces after them: the leniency is set again on the restarted parser.
+    deliver(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4 \r\nnext\r\n0\r\n\r\n")
     answer = h.client.take()
-    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b"next")
-    assert isinstance(conn.reader, Relay)  # a new parser read it, and is kept
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b"4\r\nnext\r\n0\r\n\r\n")
+    assert conn.reader is relay  # parsed whole: kept again
+
+
+async def test_a_relayed_body_with_bytes_past_its_length_leaves_no_parser() -> None:
+    h = Harness(idle=1)
+    (conn, _) = h.upstreams[0]
+    h.down.data_received(get("/a"))
+    deliver(conn, ok(big(4, READ_BUFFER)) + b"junk")  # more than Content-Length: an overrun
+    assert h.client.take().endswith(big(4, READ_BUFFER))
+    assert conn.reader is None and conn.closed  # the connection is not reused
