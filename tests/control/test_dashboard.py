@@ -272,14 +272,17 @@ async def test_weight_set_in_the_page_moves_real_traffic(browser, gw, api):
 async def test_pause_and_resume_from_the_page_show_in_api_and_timeline(browser, gw, api):
     async with api.post("/api/v1/routes/shop/rollout", json={"canary": "green"}) as resp:
         assert resp.status == 200
+    app = gw.app
+    rp = app.store.policy.by_name["shop"]
+    ctrl = app.controller
+    # The controller opens the step's window (drains what was counted so far) the first
+    # time it sees the step: now, not at its next tick in the middle of the traffic below.
+    assert await ctrl.step(rp.config, rp.state) is None
     close_interval(gw)
     await send(gw, 300)
     close_interval(gw)
     # One real verdict of the controller on that traffic: a pass at 10 % moves on to the
     # manual pause step.
-    app = gw.app
-    rp = app.store.policy.by_name["shop"]
-    ctrl = app.controller
     source = ctrl.source_for(rp.config)
     judgement = await ctrl.judge(
         rp.config, rp.state, source, rp.state.rollout.step_started, time.time()
