@@ -17,6 +17,7 @@ from proxy.core.headers import Headers, keep_alive_means_11, lower_name, upgrade
 from proxy.core.responses import LocalAnswer
 from proxy.dataplane.exchange import Client, Exchange
 from proxy.dataplane.gateway import Gateway
+from proxy.dataplane.parsers import lenient
 from proxy.dataplane.request import HOST_RE, judge
 from proxy.dataplane.sides import PAUSE_PIPELINE, PAUSE_UPGRADE
 
@@ -55,8 +56,7 @@ class Connection(Client):
 
 def new_parser(callbacks: object) -> httptools.HttpRequestParser:
     parser = httptools.HttpRequestParser(callbacks)
-    # RFC 9112 7.1.1 allows whitespace before a chunk extension; llhttp needs telling.
-    parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+    lenient(parser)
     return parser
 
 

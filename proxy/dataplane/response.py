@@ -25,6 +25,7 @@ from proxy.core.headers import (
     upgrade_protocols,
 )
 from proxy.dataplane.gateway import Gateway
+from proxy.dataplane.parsers import lenient
 from proxy.dataplane.sides import Owner, Sink
 from proxy.dataplane.upstream import ReadBuffer, UpstreamConnection
 
@@ -68,14 +69,14 @@ class Relay:
             on_chunk_complete=None,
         )
         self.parser = httptools.HttpResponseParser(self.callbacks)
-        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        lenient(self.parser)
 
     def restart(self) -> None:
         """Back to the start of a message, in place: after a body relayed past llhttp,
         which still waits for its bytes. httptools' __init__ sets every field of the
         parser anew (llhttp_init, the callbacks, the leniencies cleared)."""
         httptools.HttpResponseParser.__init__(self.parser, self.callbacks)
-        self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        lenient(self.parser)
 
     def reader(self) -> ResponseReader:
         to = self.to

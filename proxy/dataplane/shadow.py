@@ -16,6 +16,7 @@ import httptools
 from proxy.core.config.model import CompareConfig
 from proxy.core.headers import Headers
 from proxy.core.mirror import Capture
+from proxy.dataplane.parsers import lenient
 from proxy.dataplane.upstream import (
     EndpointPool,
     ReadBuffer,
@@ -160,7 +161,7 @@ class Leg:
         self.conn = conn
         conn.user = self
         self.parser = parser = httptools.HttpResponseParser(self)
-        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        lenient(parser)
         assert conn.transport is not None
         conn.transport.writelines(data)
 
