@@ -9,7 +9,7 @@ import logging
 import aiohttp
 import pytest
 
-from tests.helpers import free_port, raw_request, route_config
+from tests.helpers import RawServer, raw_request, route_config
 
 
 async def test_access_log_off_by_default_and_on_when_configured(
@@ -80,13 +80,10 @@ async def test_bytes_beyond_content_length_are_not_forwarded(gateway, together: 
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # graygate closed its side first: that is what the test provokes
-        finally:
-            writer.close()
 
-    port = free_port()
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    server = await RawServer(handle).start()
     try:
-        gw = await gateway([route_config(f"http://127.0.0.1:{port}")])
+        gw = await gateway([route_config(f"http://127.0.0.1:{server.port}")])
         for _ in range(3):
             out = await raw_request(
                 gw.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -96,8 +93,7 @@ async def test_bytes_beyond_content_length_are_not_forwarded(gateway, together: 
             assert body == b"0123456789"
         assert conns == 3  # a connection that overran its framing is never reused
     finally:
-        server.close()
-        await server.wait_closed()
+        await server.stop()
 
 
 @pytest.mark.parametrize(
@@ -133,20 +129,16 @@ async def test_large_answer_in_one_write_is_relayed_exactly(gateway, framing: st
             await asyncio.sleep(0.2)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # graygate closed its side first: that is what the test provokes
-        finally:
-            writer.close()
 
-    port = free_port()
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    server = await RawServer(handle).start()
     try:
-        gw = await gateway([route_config(f"http://127.0.0.1:{port}")])
+        gw = await gateway([route_config(f"http://127.0.0.1:{server.port}")])
         async with aiohttp.ClientSession() as s, s.get(gw.url + "/big") as r:
             assert r.status == 200
             got = await r.read()
         assert got == body
     finally:
-        server.close()
-        await server.wait_closed()
+        await server.stop()
 
 
 async def test_max_forwards_zero_is_answered_here_and_decremented_otherwise(

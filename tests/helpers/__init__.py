@@ -6,7 +6,7 @@ builds them from these). Import from here: `from tests.helpers import route_conf
   HTTP/1.1 framing), RawClient and Resp (a raw keep-alive connection), split_head, status_of
 - upstreams: Upstream and version_app (real aiohttp upstreams), serve_app (any aiohttp app
   on a free port), ScriptedUpstream (a raw loopback server that answers scripted bytes),
-  stop_serving, read_request
+  RawServer (asyncio.start_server that closes every connection it made), read_request
 - builders: route_config (the YAML dict of a route), route_model (a RouteConfig),
   ConfigFile (a graygate.yaml on free ports, for the real command)
 - gateway: RunningGateway, start_gateway, stop_gateway (the real App in-process)
@@ -41,12 +41,12 @@ from tests.helpers.paths import ROOT, compiled_sources, module_of
 from tests.helpers.processes import Process, RedisServer
 from tests.helpers.upstreams import (
     Handler,
+    RawServer,
     Script,
     ScriptedUpstream,
     Upstream,
     read_request,
     serve_app,
-    stop_serving,
     version_app,
 )
 from tests.helpers.waiting import wait_until
@@ -58,6 +58,7 @@ __all__ = [
     "Handler",
     "Process",
     "RawClient",
+    "RawServer",
     "RedisServer",
     "Resp",
     "RunningGateway",
@@ -84,7 +85,6 @@ __all__ = [
     "start_gateway",
     "status_of",
     "stop_gateway",
-    "stop_serving",
     "version_app",
     "wait_port",
     "wait_until",

@@ -4,7 +4,6 @@ asyncio server that answers scripted bytes (`scripted_upstream` fixture)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,17 +24,62 @@ async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner,
     return started, port
 
 
-async def stop_serving(server: asyncio.Server | None, tasks: set[asyncio.Task[None]]) -> None:
-    """Close a raw server and end the connection tasks it is still running."""
-    if server is not None:
-        server.close()
-    for task in list(tasks):
-        task.cancel()
-    for task in list(tasks):
-        with contextlib.suppress(BaseException):
-            await task
-    if server is not None:
-        await server.wait_closed()
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """asyncio.start_server that loses no connection; a handler ends quietly when its peer
+    hangs up (ConnectionError, IncompleteReadError). Each connection is recorded the moment it
+    is made, before its handler task first runs, and stop() closes every one and waits
+    until its socket is shut: a connection the loop outlived would otherwise be collected
+    in some later test, as an unclosed-transport ResourceWarning (an error under pytest's
+    filterwarnings) blamed on that test."""
+
+    def __init__(self, handler: StreamHandler) -> None:
+        self.handler = handler
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, port: int = 0) -> RawServer:
+        self.server = await asyncio.start_server(self._made, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def _made(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+        # Called inside connection_made; asyncio makes the returned coroutine a task.
+        self.writers.append(writer)
+        return self._run(reader, writer)
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the peer dropped the connection mid-handler: that ends the handler
+        finally:
+            self.tasks.discard(task)
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        # A connection accepted just before close() is made a few loop turns later (the
+        # accept task, then connection_made): let those turns run so it is recorded.
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for task in list(self.tasks):
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        async with asyncio.timeout(5.0):
+            await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+        await self.server.wait_closed()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -91,12 +135,19 @@ class ScriptedUpstream:
     connections: int = 0
     closed_by_proxy: int = 0
     heads: list[bytes] = field(default_factory=list)  # request heads, in arrival order
-    server: asyncio.Server | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    raw: RawServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw = RawServer(self._serve)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tasks(self) -> set[asyncio.Task[None]]:
+        """The connections whose script is still running."""
+        return self.raw.tasks
 
     async def read_head(self, reader: asyncio.StreamReader) -> bytes | None:
         """The next request head (requests in these tests carry no body); None at EOF."""
@@ -110,24 +161,14 @@ class ScriptedUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await self.script(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # graygate dropped the connection mid-script: that ends the script
-        finally:
-            self.tasks.discard(task)
-            writer.close()
+        await self.script(self, reader, writer)  # RawServer ends it if graygate hangs up
 
     async def start(self) -> ScriptedUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.port = (await self.raw.start()).port
         return self
 
     async def stop(self) -> None:
-        await stop_serving(self.server, self.tasks)
+        await self.raw.stop()
 
     async def wait_closed_by_proxy(self, count: int, within: float = 3.0) -> None:
         deadline = time.monotonic() + within

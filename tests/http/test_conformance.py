@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.helpers import raw_exchange, read_framed_body, route_config, split_head, status_of
+from tests.helpers import (
+    RawServer,
+    raw_exchange,
+    read_framed_body,
+    route_config,
+    split_head,
+    status_of,
+)
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -137,10 +144,12 @@ class Upstream:
     answer: Answer
     close_after: bool = False  # close the connection after each answer
     port: int = 0
-    server: asyncio.Server | None = None
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    raw: RawServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw = RawServer(self.serve)
 
     @property
     def url(self) -> str:
@@ -155,7 +164,6 @@ class Upstream:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         index = self.connections
-        self.writers.append(writer)
         try:
             while True:
                 seen = await read_one(reader, index)
@@ -168,8 +176,6 @@ class Upstream:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return
-        finally:
-            writer.close()
 
 
 async def read_one(reader: asyncio.StreamReader, index: int) -> Seen | None:
@@ -205,18 +211,13 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     async def start(answer: Answer | bytes = OK, close_after: bool = False) -> Upstream:
         fn = answer if callable(answer) else (lambda _s, a=answer: a)
         up = Upstream(fn, close_after)
-        up.server = await asyncio.start_server(up.serve, "127.0.0.1", 0)
-        up.port = up.server.sockets[0].getsockname()[1]
+        up.port = (await up.raw.start()).port
         started.append(up)
         return up
 
     yield start
     for up in started:
-        assert up.server is not None
-        up.server.close()
-        for w in up.writers:
-            w.close()
-        await up.server.wait_closed()
+        await up.raw.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.helpers import free_port, metric_sum, route_config, scrape_samples, stop_serving
+from tests.helpers import RawServer, free_port, metric_sum, route_config, scrape_samples
 
 FAST = {"connect": "500ms", "read": "1s", "request": "3s"}
 QUICK_OUTLIER = {"consecutive_failures": 3, "base_ejection": "2s", "max_ejection": "10s"}
@@ -45,33 +45,22 @@ class RawUpstream:
     port: int = 0
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)  # request heads seen
-    server: asyncio.Server | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    raw: RawServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw = RawServer(self._serve)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.port = (await self.raw.start()).port
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        index = self.connections
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await self.behaviour(self, reader, writer, index)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the proxy dropped the connection mid-behaviour: that ends the behaviour
-        finally:
-            self.tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await self.behaviour(self, reader, writer, self.connections)  # RawServer ends it on EOF
 
     async def read_head(self, reader: asyncio.StreamReader) -> bytes | None:
         """One request head (None at EOF); bodies are ignored: probes send none."""
@@ -83,7 +72,7 @@ class RawUpstream:
         return head
 
     async def stop(self) -> None:
-        await stop_serving(self.server, self.tasks)
+        await self.raw.stop()
 
 
 @pytest.fixture

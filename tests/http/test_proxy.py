@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import free_port, raw_request, read_request, route_config
+from tests.helpers import RawServer, free_port, raw_request, read_request, route_config
 
 # Small timeouts so a hang fails fast; `read` leaves room for the 1.5 s streaming pause.
 FAST = {"connect": "500ms", "read": "3s", "request": "5s"}
@@ -38,8 +38,7 @@ def get(path: str, host: str = "test.local", extra: str = "") -> bytes:
 @dataclass
 class RawUpstream:
     port: int
-    server: asyncio.Server
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    raw: RawServer
     request_lines: list[bytes] = field(default_factory=list)
     open_now: int = 0
     open_max: int = 0
@@ -64,7 +63,6 @@ async def raw_upstreams() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawU
 
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             up = holder[0]
-            up.writers.append(writer)
             up.open_now += 1
             up.open_max = max(up.open_max, up.open_now)
             try:
@@ -73,22 +71,16 @@ async def raw_upstreams() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawU
                 pass  # the proxy closed the connection: this raw upstream is done
             finally:
                 up.open_now -= 1
-                writer.close()
 
-        port = free_port()
-        server = await asyncio.start_server(on_conn, "127.0.0.1", port)
-        up = RawUpstream(port, server)
+        raw = await RawServer(on_conn).start(free_port())
+        up = RawUpstream(raw.port, raw)
         holder.append(up)
         started.append(up)
         return up
 
     yield start
     for up in started:
-        up.server.close()
-        for w in up.writers:
-            w.close()
-        await up.server.wait_closed()
-    await asyncio.sleep(0)
+        await up.raw.stop()
 
 
 def reply(body: bytes, extra: bytes = b"") -> bytes:
