@@ -461,8 +461,7 @@ async def test_bytes_on_an_idle_connection_close_it(pools):
     async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.1)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        with contextlib.suppress(ConnectionError):
-            await reader.read()
+        await reader.read()
 
     server = await RawServer(chatty).start()
     try:

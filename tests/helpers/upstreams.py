@@ -131,7 +131,6 @@ class ScriptedUpstream:
     by hand. Counts connections, and those graygate closed (EOF while reading a request)."""
 
     script: Script
-    port: int = 0
     connections: int = 0
     closed_by_proxy: int = 0
     heads: list[bytes] = field(default_factory=list)  # request heads, in arrival order
@@ -139,6 +138,10 @@ class ScriptedUpstream:
 
     def __post_init__(self) -> None:
         self.raw = RawServer(self._serve)
+
+    @property
+    def port(self) -> int:
+        return self.raw.port
 
     @property
     def url(self) -> str:
@@ -164,7 +167,7 @@ class ScriptedUpstream:
         await self.script(self, reader, writer)  # RawServer ends it if graygate hangs up
 
     async def start(self) -> ScriptedUpstream:
-        self.port = (await self.raw.start()).port
+        await self.raw.start()
         return self
 
     async def stop(self) -> None:

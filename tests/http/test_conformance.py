@@ -143,13 +143,16 @@ Answer = Callable[[Seen], bytes]
 class Upstream:
     answer: Answer
     close_after: bool = False  # close the connection after each answer
-    port: int = 0
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
     raw: RawServer = field(init=False)
 
     def __post_init__(self) -> None:
         self.raw = RawServer(self.serve)
+
+    @property
+    def port(self) -> int:
+        return self.raw.port
 
     @property
     def url(self) -> str:
@@ -174,8 +177,8 @@ class Upstream:
                 await writer.drain()
                 if self.close_after:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
+        except ValueError:
+            return  # framing read_one cannot parse: the connection ends (RawServer closes it)
 
 
 async def read_one(reader: asyncio.StreamReader, index: int) -> Seen | None:
@@ -211,7 +214,7 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     async def start(answer: Answer | bytes = OK, close_after: bool = False) -> Upstream:
         fn = answer if callable(answer) else (lambda _s, a=answer: a)
         up = Upstream(fn, close_after)
-        up.port = (await up.raw.start()).port
+        await up.raw.start()
         started.append(up)
         return up
 

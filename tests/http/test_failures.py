@@ -42,7 +42,6 @@ class RawUpstream:
     """An asyncio server whose per-connection behaviour is a coroutine; counts what it saw."""
 
     behaviour: Behaviour
-    port: int = 0
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)  # request heads seen
     raw: RawServer = field(init=False)
@@ -51,11 +50,15 @@ class RawUpstream:
         self.raw = RawServer(self._serve)
 
     @property
+    def port(self) -> int:
+        return self.raw.port
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> RawUpstream:
-        self.port = (await self.raw.start()).port
+        await self.raw.start()
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

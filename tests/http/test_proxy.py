@@ -37,13 +37,16 @@ def get(path: str, host: str = "test.local", extra: str = "") -> bytes:
 
 @dataclass
 class RawUpstream:
-    port: int
     raw: RawServer
     request_lines: list[bytes] = field(default_factory=list)
     open_now: int = 0
     open_max: int = 0
     inflight: int = 0
     inflight_max: int = 0
+
+    @property
+    def port(self) -> int:
+        return self.raw.port
 
     @property
     def url(self) -> str:
@@ -66,14 +69,12 @@ async def raw_upstreams() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawU
             up.open_now += 1
             up.open_max = max(up.open_max, up.open_now)
             try:
-                await handler(up, reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass  # the proxy closed the connection: this raw upstream is done
+                await handler(up, reader, writer)  # RawServer ends it if the proxy hangs up
             finally:
                 up.open_now -= 1
 
         raw = await RawServer(on_conn).start(free_port())
-        up = RawUpstream(raw.port, raw)
+        up = RawUpstream(raw)
         holder.append(up)
         started.append(up)
         return up
